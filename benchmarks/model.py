@@ -66,9 +66,11 @@ def compare(steps: dict[str, Callable[[], None]], batch: int, iters: int, rounds
         for _ in range(2):
             step()
     results: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            results[name].append(images_per_s(step, batch, iters, device))
+    order = list(steps)
+    for r in range(rounds):
+        # Alternate the order so that neither side always runs right after the other.
+        for name in order if r % 2 == 0 else reversed(order):
+            results[name].append(images_per_s(steps[name], batch, iters, device))
     return results
 
 
