@@ -27,3 +27,31 @@ def tiny_cfg() -> CrossViTConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible endpoint (moto server) on loopback for the whole session; AWS_* variables point at it."""
+    from pipelines.local_s3 import local_s3
+
+    with local_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """One local Ray cluster per test session, started after the S3 variables so its workers inherit them."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """The built-in sample data set, small: 4 classes, 24 train and 6 val images each, 64 x 48 px."""
+    from pipelines.sample_data import SampleSpec, write_sample_dataset
+
+    return write_sample_dataset(tmp_path_factory.mktemp("sample") / "images", SampleSpec(4, 24, 6, 64, 48, seed=3))

@@ -1,0 +1,62 @@
+"""An S3-compatible endpoint on loopback (moto's server mode), for the demo and the tests.
+
+Real boto3 and pyarrow HTTP traffic, real multipart uploads, nothing leaves the machine. The endpoint and a
+pair of throwaway keys are put into the standard AWS environment variables, so that every process started
+afterwards (Ray workers included) finds them the way it would find a real S3 or MinIO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+# The local server accepts any keys; these are placeholders, not credentials.
+LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_s3(port: int | None = None) -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1, export AWS_ENDPOINT_URL and keys, yield the endpoint URL."""
+    port = port or _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "AWS_ENDPOINT_URL"]}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the local S3 endpoint (moto server) did not start") from None
+                time.sleep(0.2)
+        os.environ.update(LOCAL_ENV, AWS_ENDPOINT_URL=endpoint)
+        from pipelines import storage
+
+        storage.s3_client.cache_clear()
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

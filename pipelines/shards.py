@@ -1,0 +1,376 @@
+"""Image folders become WebDataset shards in object storage (``python -m jobs.prepare_data``).
+
+Layouts read: ImageNet (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``), ImageNet's flat validation folder
+with ``LOC_val_solution.csv``, or any class-per-folder tree (one split, "train").
+
+Each sample is three tar members in a row: ``<key>.cls`` (the integer label), ``<key>.jpg`` (the original
+bytes; PNG and WebP are kept as ``.png`` / ``.webp``, any other format Pillow reads is converted to PNG,
+losslessly) and ``<key>.json`` (wnid and the original relative path). Shards are byte-reproducible, so a
+rerun recognises finished shards by checksum and only writes what is missing. Files that are not readable
+images are reported, listed in the manifest, and never written into a shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines import storage
+
+log = logging.getLogger(__name__)
+
+FORMAT = "crossvit-ray/webdataset-v1"
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # written as they are; the rest become PNG
+WNID = re.compile(r"^n\d{8}$")
+
+
+class DatasetError(ValueError):
+    """The source or the destination is not usable as it is; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Item:
+    relpath: str  # relative to the source root
+    wnid: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    items: list[Item]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+    def fingerprint(self) -> str:
+        """Changes whenever the shard's content would: which files, their sizes, dates and labels."""
+        rows = [(i.relpath, i.size, i.mtime_ns, i.label) for i in self.items]
+        return hashlib.sha256(json.dumps([FORMAT, rows]).encode()).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    name: str
+    fingerprint: str
+    samples: int
+    bytes: int
+    sha256: str
+    skipped: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading the source
+# --------------------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _class_folders(root: Path) -> list[Path]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(f"{root} holds no class folders")
+    empty = [p.name for p in folders if not _files(p)]
+    if empty:
+        raise DatasetError(f"empty class folder(s) in {root}: {', '.join(empty)}")
+    return folders
+
+
+def _item(root: Path, path: Path, wnid: str, label: int) -> Item:
+    st = path.stat()
+    return Item(str(path.relative_to(root)), wnid, label, st.st_size, st.st_mtime_ns)
+
+
+def _val_solution(root: Path) -> dict[str, str] | None:
+    """ImageNet's LOC_val_solution.csv: image id -> wnid (the first word of PredictionString)."""
+    for candidate in (root / "LOC_val_solution.csv", root / "val" / "LOC_val_solution.csv"):
+        if candidate.is_file():
+            with candidate.open() as f:
+                return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+    return None
+
+
+def scan_source(source: str | Path) -> tuple[list[str], dict[str, list[Item]], list[dict]]:
+    """Classes (sorted wnids), the items of each split, and files skipped while scanning."""
+    root = Path(source)
+    if not root.is_dir():
+        raise DatasetError(f"source {source} does not exist or is not a folder")
+    split_dirs = {s: root / s for s in ("train", "val") if (root / s).is_dir()}
+    if not split_dirs:
+        split_dirs = {"train": root}  # any class-per-folder tree
+    first = next(iter(split_dirs.values()))
+    classes = [p.name for p in _class_folders(first)]
+    index = {w: i for i, w in enumerate(classes)}
+    splits: dict[str, list[Item]] = {}
+    skipped: list[dict] = []
+    for split, folder in split_dirs.items():
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        items = []
+        if subdirs:
+            for cls_dir in _class_folders(folder):
+                if cls_dir.name not in index:
+                    raise DatasetError(f"{split} class {cls_dir.name!r} does not exist in {first.name}")
+                items += [_item(root, p, cls_dir.name, index[cls_dir.name]) for p in _files(cls_dir)]
+        else:
+            solution = _val_solution(root)
+            if solution is None:
+                raise DatasetError(f"{folder} is flat but there is no LOC_val_solution.csv to label it")
+            for p in _files(folder):
+                if p.name == "LOC_val_solution.csv":
+                    continue
+                wnid = solution.get(p.name.split(".")[0])
+                if wnid is None or wnid not in index:
+                    skipped.append({"path": str(p.relative_to(root)), "reason": "no label in LOC_val_solution.csv"})
+                    continue
+                items.append(_item(root, p, wnid, index[wnid]))
+        splits[split] = items
+    return classes, splits, skipped
+
+
+def class_names(root: Path, classes: list[str]) -> list[str]:
+    """Human-readable names: LOC_synset_mapping.txt if present, ImageNet-1k's from torchvision, else wnids."""
+    mapping = root / "LOC_synset_mapping.txt"
+    if mapping.is_file():
+        pairs = dict(line.split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
+        return [pairs.get(w, w).strip() for w in classes]
+    if len(classes) == 1000 and all(WNID.match(w) for w in classes):
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+        return list(_IMAGENET_CATEGORIES)  # in sorted-wnid order, the standard class index
+    return list(classes)
+
+
+def plan_shards(splits: dict[str, list[Item]], shard_size_mb: float, seed: int) -> list[ShardPlan]:
+    """Shuffle each split once (so every shard mixes classes) and pack it into shards of about shard_size_mb."""
+    limit = shard_size_mb * 2**20
+    plans = []
+    for split, items in splits.items():
+        items = list(items)
+        random.Random(f"{seed}-{split}").shuffle(items)
+        current: list[Item] = []
+        size = 0
+        for item in items:
+            if current and size + item.size > limit:
+                plans.append(ShardPlan(split, sum(p.split == split for p in plans), current))
+                current, size = [], 0
+            current.append(item)
+            size += item.size
+        if current:
+            plans.append(ShardPlan(split, sum(p.split == split for p in plans), current))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing shards (in worker processes)
+# --------------------------------------------------------------------------------------------------------
+
+
+def encode_image(data: bytes) -> tuple[bytes, str]:
+    """Check that ``data`` is a complete, decodable image; return the bytes to store and their extension.
+
+    JPEGs are decoded at 1/8 scale (DCT scaling), which reads every byte of the entropy-coded data but skips
+    most of the work, so truncated or corrupt files are caught at a fraction of a full decode.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+        if fmt == "JPEG":
+            img.draft("RGB", (img.width // 8, img.height // 8))
+        img.load()
+        if fmt in KEPT_FORMATS:
+            return data, KEPT_FORMATS[fmt]
+        out = io.BytesIO()
+        img.convert("RGBA" if "A" in img.getbands() else "RGB").save(out, format="PNG")
+        return out.getvalue(), "png"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed owner, mode and date: the same input gives the same bytes
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+_progress = None  # a shared counter of images done, set in each worker
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+    storage.s3_client.cache_clear()  # a boto3 client must not be shared across a fork
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def write_shard(plan: ShardPlan, source: str, dest: str) -> ShardResult:
+    """Write one shard to a local temporary file, then move or upload it to ``dest``."""
+    root = Path(source)
+    skipped = []
+    samples = 0
+    with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
+        path = Path(tmp) / "shard.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for item in plan.items:
+                try:
+                    data, ext = encode_image((root / item.relpath).read_bytes())
+                except Exception as e:  # any unreadable file: report, skip, carry on
+                    log.warning("skipping %s: %s", item.relpath, e)
+                    skipped.append({"path": item.relpath, "reason": f"{type(e).__name__}: {e}"})
+                else:
+                    key = f"{plan.split}-{plan.index:06d}-{samples:06d}"
+                    meta = json.dumps({"wnid": item.wnid, "path": item.relpath, "label": item.label}).encode()
+                    _add(tar, f"{key}.cls", str(item.label).encode())
+                    _add(tar, f"{key}.{ext}", data)
+                    _add(tar, f"{key}.json", meta)
+                    samples += 1
+                if _progress is not None:
+                    with _progress.get_lock():
+                        _progress.value += 1
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        size = path.stat().st_size
+        storage.upload_file(path, storage.join(dest, plan.name), metadata={"sha256": digest})
+    return ShardResult(plan.name, plan.fingerprint(), samples, size, digest, skipped)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------------
+
+
+def _progress_record(dest: str, name: str) -> str:
+    return storage.join(dest, "_progress", name.replace("/", "-") + ".json")
+
+
+def _finished(dest: str, plan: ShardPlan) -> ShardResult | None:
+    """The result of an earlier run's shard if it is in place with the right checksum."""
+    try:
+        record = json.loads(storage.read_bytes(_progress_record(dest, plan.name)))
+    except FileNotFoundError:
+        return None
+    if record["fingerprint"] != plan.fingerprint():
+        raise DatasetError(
+            f"{dest} already holds a different data set ({plan.name} was written from other files or "
+            "parameters); choose another --dest or delete it"
+        )
+    shard_uri = storage.join(dest, plan.name)
+    info = storage.head(shard_uri)
+    if info is None or info["size"] != record["bytes"]:
+        return None
+    checksum = info["metadata"].get("sha256") or hashlib.sha256(storage.read_bytes(shard_uri)).hexdigest()
+    return ShardResult(**record) if checksum == record["sha256"] else None
+
+
+def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | None = None, seed: int = 0) -> dict:
+    """Write the shards and the manifest; resumable, and a no-op when everything is already there."""
+    workers = workers or os.cpu_count() or 1
+    classes, splits, skipped = scan_source(source)
+    plans = plan_shards(splits, shard_size_mb, seed)
+    fingerprint = hashlib.sha256("".join(p.fingerprint() for p in plans).encode()).hexdigest()
+    storage.ensure_bucket(dest)
+    manifest_uri = storage.join(dest, "manifest.json")
+    try:
+        existing = json.loads(storage.read_bytes(manifest_uri))
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if existing.get("fingerprint") != fingerprint:
+            raise DatasetError(f"{dest} already holds a different data set; choose another --dest or delete it")
+        log.info("%s is complete already (manifest fingerprint matches)", dest)
+        return existing
+
+    done = {p.name: r for p in plans if (r := _finished(dest, p)) is not None}
+    todo = [p for p in plans if p.name not in done]
+    total = sum(len(p.items) for p in todo)
+    log.info(
+        "%d shards planned, %d already in place, writing %d (%d images) with %d workers",
+        len(plans),
+        len(done),
+        len(todo),
+        total,
+        workers,
+    )
+    if todo:
+        # fork where there is one: no re-import of the caller's main module, and fast start-up.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        counter = ctx.Value("q", 0)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+            pending = {pool.submit(write_shard, p, str(source), dest) for p in todo}
+            start = time.monotonic()
+            while pending:
+                finished, pending = wait(pending, timeout=0.5)
+                errors = [f.exception() for f in finished if f.exception() is not None]
+                for f in finished - {f for f in finished if f.exception() is not None}:
+                    # Record every finished shard, even when another failed: a rerun then skips it.
+                    result = f.result()
+                    done[result.name] = result
+                    storage.write_bytes(_progress_record(dest, result.name), json.dumps(asdict(result)).encode())
+                _show_progress(counter.value, total, time.monotonic() - start)
+                if errors:
+                    for f in pending:
+                        f.cancel()
+                    print(file=sys.stderr)
+                    raise errors[0]
+            print(file=sys.stderr)
+
+    results = [done[p.name] for p in plans]
+    skipped += [s for r in results for s in r.skipped]
+    names = class_names(Path(source), classes)
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": {
+            "shard_size_mb": shard_size_mb,
+            "seed": seed,
+            "source_name": Path(source).name,
+            "formats": "JPEG, PNG and WebP stored as they are; other formats converted to PNG",
+        },
+        "classes": [{"index": i, "wnid": w, "name": n} for i, (w, n) in enumerate(zip(classes, names))],
+        "splits": {
+            split: {
+                "samples": sum(r.samples for r in results if r.name.startswith(f"{split}/")),
+                "shards": [
+                    {"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
+                    for r in results
+                    if r.name.startswith(f"{split}/")
+                ],
+            }
+            for split in splits
+        },
+        "skipped": skipped,
+    }
+    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+    for s in skipped:
+        log.warning("skipped %s (%s)", s["path"], s["reason"])
+    return manifest
+
+
+def _show_progress(done: int, total: int, seconds: float) -> None:
+    rate = done / seconds if seconds > 0 else 0.0
+    print(f"\r  {done}/{total} images  {rate:,.0f} img/s", end="", file=sys.stderr, flush=True)
+
+
+def load_manifest(dest: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
+    except FileNotFoundError:
+        raise DatasetError(f"{dest} has no manifest.json: run python -m jobs.prepare_data first") from None

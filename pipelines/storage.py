@@ -1,0 +1,207 @@
+"""Every location is a URI: ``s3://bucket/prefix`` or a local path.
+
+Two doors onto the same storage:
+- ``filesystem(uri)``: a pyarrow filesystem and path, for Ray Data and Ray Train;
+- ``s3_client()``: a boto3 client, for uploads (multipart), manifests and the registry.
+
+Endpoint, region and credentials come from the standard AWS configuration (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles), so the same code talks to AWS S3,
+MinIO or any S3-compatible store. boto3 reads AWS_ENDPOINT_URL itself; pyarrow does not, so we pass it as
+``endpoint_override``. Credentials are never logged or written anywhere by this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+# Throttling (SlowDown, 503) and transient network errors are retried with exponential backoff; the
+# standard AWS_MAX_ATTEMPTS / AWS_RETRY_MODE variables override our defaults.
+def _max_attempts() -> int:
+    return int(os.environ.get("AWS_MAX_ATTEMPTS", 10))
+
+
+class StorageError(RuntimeError):
+    """A location cannot be reached or read; the message names the URI, never a credential."""
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # "s3" or "file"
+    bucket: str  # empty for local paths
+    key: str  # the object key (s3) or the absolute path (local)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+
+def parse(uri: str | os.PathLike) -> Location:
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r} names no bucket")
+        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI {uri!r}: use s3://bucket/prefix or a local path")
+    return Location("file", "", str(Path(uri.removeprefix("file://")).expanduser().resolve()))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem on the configured endpoint, with retries; credentials from the AWS chain."""
+    kwargs: dict = dict(region=_region(), retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()))
+    endpoint = _endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it (``bucket/key`` for S3)."""
+    loc = parse(uri)
+    if loc.is_s3:
+        return s3_filesystem(), f"{loc.bucket}/{loc.key}".rstrip("/")
+    return pafs.LocalFileSystem(), loc.key
+
+
+@functools.cache
+def s3_client():
+    """A boto3 S3 client (cached per process): adaptive retries with backoff on throttling."""
+    import boto3
+    from botocore.config import Config
+
+    retries = {"max_attempts": _max_attempts(), "mode": os.environ.get("AWS_RETRY_MODE", "adaptive")}
+    config = Config(retries=retries, connect_timeout=10, read_timeout=60)
+    return boto3.session.Session().client("s3", region_name=_region(), config=config)
+
+
+def _s3_errors():
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)
+
+
+def _not_found(err: Exception) -> bool:
+    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = parse(uri)
+    if not loc.is_s3:
+        return Path(loc.key).read_bytes()
+    try:
+        return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+    except _s3_errors() as e:
+        if _not_found(e):
+            raise FileNotFoundError(uri) from None
+        raise StorageError(f"cannot read {uri}: {e}") from None
+
+
+def write_bytes(uri: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Write an object whole: readers see the old or the new content, never a part."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        path = Path(loc.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as f:
+            f.write(data)
+        os.replace(f.name, path)
+        return
+    try:
+        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, Metadata=metadata or {})
+    except _s3_errors() as e:
+        raise StorageError(f"cannot write {uri}: {e}") from None
+
+
+def upload_file(local_path: str | Path, uri: str, metadata: dict[str, str] | None = None) -> None:
+    """Copy a local file to ``uri``: boto3's managed transfer (multipart, parallel parts, retries) for S3."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        dest = Path(loc.key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{dest.name}")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dest)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=4)
+    try:
+        s3_client().upload_file(
+            str(local_path), loc.bucket, loc.key, ExtraArgs={"Metadata": metadata or {}}, Config=config
+        )
+    except _s3_errors() as e:
+        raise StorageError(f"cannot upload to {uri}: {e}") from None
+
+
+def head(uri: str) -> dict | None:
+    """Size and user metadata of an object, or None if there is none."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        path = Path(loc.key)
+        return {"size": path.stat().st_size, "metadata": {}} if path.is_file() else None
+    try:
+        r = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+    except _s3_errors() as e:
+        if _not_found(e):
+            return None
+        raise StorageError(f"cannot reach {uri}: {e}") from None
+    return {"size": r["ContentLength"], "metadata": r.get("Metadata", {})}
+
+
+def exists(uri: str) -> bool:
+    return head(uri) is not None
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """URIs of the files below a prefix (recursively), sorted."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        root = Path(loc.key)
+        return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file()) if root.exists() else []
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    out = []
+    try:
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            out += [f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+    except _s3_errors() as e:
+        raise StorageError(f"cannot list {uri}: {e}") from None
+    return sorted(out)
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an S3 URI if it does not exist (local: the folder)."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        Path(loc.key).mkdir(parents=True, exist_ok=True)
+        return
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+    except _s3_errors() as e:
+        if not _not_found(e) and "404" not in str(e):
+            raise StorageError(f"cannot reach bucket {loc.bucket}: {e}") from None
+        client.create_bucket(Bucket=loc.bucket)

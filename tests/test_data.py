@@ -1,0 +1,353 @@
+"""Images -> shards in S3 (real boto3/pyarrow HTTP against a loopback endpoint) -> Ray Data, and bad data."""
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from pipelines import ingest, shards, storage
+from pipelines.ingest import AugmentConfig, BadDataError, read_split, to_model_input
+from pipelines.shards import DatasetError, prepare
+
+NO_AUG = AugmentConfig(rand_augment_ops=0, hflip=0.0, random_erasing=0.0)
+
+
+def _raw_rows(uri: str, split: str) -> list[dict]:
+    """Every sample of a split as (key, label, json) straight from the tars, without Ray."""
+    manifest = shards.load_manifest(uri)
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(storage.join(uri, shard["name"])))) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                rows.append({"key": key, "label": int(members[f"{key}.cls"]), "meta": json.loads(data)})
+    return rows
+
+
+def _labels(ds) -> list[int]:
+    return [int(y) for batch in ds.iter_torch_batches(batch_size=32) for y in batch["label"]]
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def test_uris_name_s3_objects_or_local_paths(tmp_path):
+    assert storage.parse("s3://bucket/a/b.tar") == storage.Location("s3", "bucket", "a/b.tar")
+    assert storage.parse(tmp_path / "x").key == str(tmp_path / "x")
+    assert storage.join("s3://b/p/", "/train", "shard.tar") == "s3://b/p/train/shard.tar"
+    with pytest.raises(ValueError, match="unsupported URI"):
+        storage.parse("gs://bucket/x")
+    with pytest.raises(ValueError, match="names no bucket"):
+        storage.parse("s3:///key")
+
+
+def test_s3_round_trip_through_boto3_and_pyarrow(s3_endpoint):
+    storage.ensure_bucket("s3://roundtrip")
+    storage.write_bytes("s3://roundtrip/a/b.json", b'{"x": 1}', metadata={"sha256": "abc"})
+    assert storage.read_bytes("s3://roundtrip/a/b.json") == b'{"x": 1}'
+    assert storage.head("s3://roundtrip/a/b.json") == {"size": 8, "metadata": {"sha256": "abc"}}
+    assert storage.list_files("s3://roundtrip/a") == ["s3://roundtrip/a/b.json"]
+    fs, path = storage.filesystem("s3://roundtrip/a/b.json")
+    with fs.open_input_stream(path) as f:  # pyarrow found the endpoint from AWS_ENDPOINT_URL
+        assert f.read() == b'{"x": 1}'
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://roundtrip/missing")
+
+
+def test_unreachable_storage_is_a_clear_error_without_credentials(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-printed")
+    storage.s3_client.cache_clear()
+    try:
+        with pytest.raises(storage.StorageError, match="cannot read s3://bucket/x") as err:
+            storage.read_bytes("s3://bucket/x")
+        assert "not-to-be-printed" not in str(err.value)
+    finally:
+        storage.s3_client.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@pytest.fixture(scope="module")
+def prepared(s3_endpoint, sample_images):
+    """The sample data set as shards in the loopback S3 bucket (small shards, so there are several)."""
+    uri = "s3://datasets/sample"
+    return uri, prepare(str(sample_images), uri, shard_size_mb=0.05, workers=2)
+
+
+def test_prepare_writes_every_image_once_with_its_label(prepared, sample_images):
+    uri, manifest = prepared
+    assert [c["name"] for c in manifest["classes"]] == ["red circle", "red square", "red triangle", "red cross"]
+    assert manifest["splits"]["train"]["samples"] == 4 * 24 and manifest["splits"]["val"]["samples"] == 4 * 6
+    assert len(manifest["splits"]["train"]["shards"]) > 2
+    rows = _raw_rows(uri, "train")
+    sources = sorted(str(p.relative_to(sample_images)) for p in (sample_images / "train").rglob("*.JPEG"))
+    assert sorted(r["meta"]["path"] for r in rows) == sources  # each image exactly once
+    wnids = [c["wnid"] for c in manifest["classes"]]
+    assert all(wnids[r["label"]] == r["meta"]["wnid"] == Path(r["meta"]["path"]).parent.name for r in rows)
+    # JPEG bytes pass through untouched, and checksums in the manifest are those of the objects.
+    first = manifest["splits"]["train"]["shards"][0]
+    data = storage.read_bytes(storage.join(uri, first["name"]))
+    assert __import__("hashlib").sha256(data).hexdigest() == first["sha256"] and len(data) == first["bytes"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        jpg = tar.extractfile(names[1]).read()
+        meta = json.loads(tar.extractfile(names[2]).read())
+    assert names[0].endswith(".cls") and names[1].endswith(".jpg") and names[2].endswith(".json")
+    assert jpg == (sample_images / meta["path"]).read_bytes()
+
+
+def test_rerun_is_a_no_op_and_other_data_at_the_same_place_is_refused(prepared, sample_images, tmp_path):
+    uri, manifest = prepared
+    assert prepare(str(sample_images), uri, shard_size_mb=0.05, workers=2)["fingerprint"] == manifest["fingerprint"]
+    with pytest.raises(DatasetError, match="already holds a different data set"):
+        prepare(str(sample_images), uri, shard_size_mb=1, workers=1)  # other parameters: other shards
+
+
+_REAL_WRITE_SHARD = shards.write_shard
+
+
+def _crash_on_third_train_shard(plan, source, dest):
+    """Stands in for write_shard in the worker processes: the run dies while writing train shard 2."""
+    if plan.index == 2 and plan.split == "train":
+        raise RuntimeError("simulated crash")
+    return _REAL_WRITE_SHARD(plan, source, dest)
+
+
+def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_images, tmp_path, monkeypatch, caplog):
+    dest = str(tmp_path / "shards")  # a local destination works like S3
+    monkeypatch.setattr(shards, "write_shard", _crash_on_third_train_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare(str(sample_images), dest, shard_size_mb=0.05, workers=1)
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+    finished_before = len(list((tmp_path / "shards" / "_progress").glob("*.json")))
+    monkeypatch.setattr(shards, "write_shard", _REAL_WRITE_SHARD)
+    with caplog.at_level(logging.INFO, logger="pipelines.shards"):
+        manifest = prepare(str(sample_images), dest, shard_size_mb=0.05, workers=1)
+    planned = sum(len(s["shards"]) for s in manifest["splits"].values())
+    written_before = next(r for r in caplog.messages if "already in place" in r)
+    assert 2 <= finished_before < planned
+    assert f"{planned} shards planned, {finished_before} already in place" in written_before
+    assert manifest["splits"]["train"]["samples"] == 96
+
+
+def test_bad_files_are_reported_and_never_written(tmp_path, sample_images):
+    src = tmp_path / "src"
+    for p in (sample_images / "train").rglob("*.JPEG"):
+        target = src / p.relative_to(sample_images / "train")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    good = next((src / "s0000").iterdir()).read_bytes()
+    (src / "s0000" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (src / "s0001" / "notes.txt").write_text("not an image")
+    (src / "s0001" / "fake.JPEG").write_bytes(b"\x00" * 100)
+    Image.new("RGB", (20, 10), "blue").save(src / "s0002" / "bitmap.bmp")  # another format: converted to PNG
+    manifest = prepare(str(src), str(tmp_path / "out"), workers=1)
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {"s0000/truncated.JPEG", "s0001/notes.txt", "s0001/fake.JPEG"}
+    assert manifest["splits"]["train"]["samples"] == 4 * 24 + 1  # class-per-folder layout: one "train" split
+    rows = _raw_rows(str(tmp_path / "out"), "train")
+    assert not {r["meta"]["path"] for r in rows} & set(skipped)
+    with tarfile.open(tmp_path / "out" / "train" / "shard-000000.tar") as tar:
+        assert sum(n.endswith(".png") for n in tar.getnames()) == 1
+
+
+def test_source_problems_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "dog" / "a.png")
+    with pytest.raises(DatasetError, match=r"empty class folder.*cat"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "out"))
+
+
+def test_imagenet_validation_layout_is_labelled_from_the_solution_file(tmp_path, sample_images):
+    root = tmp_path / "imagenet"
+    for p in (sample_images / "train").rglob("*.JPEG"):
+        (root / "train" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / "train" / p.parent.name / p.name).write_bytes(p.read_bytes())
+    (root / "val").mkdir()
+    lines = ["ImageId,PredictionString"]
+    for i, p in enumerate(sorted((sample_images / "val").rglob("*.JPEG"))):
+        (root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(p.read_bytes())
+        lines.append(f"ILSVRC2012_val_{i:08d},{p.parent.name} 1 2 3 4")
+    (root / "val" / "ILSVRC2012_val_99999999.JPEG").write_bytes(p.read_bytes())  # not in the solution file
+    (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    manifest = prepare(str(root), str(tmp_path / "out"), workers=1)
+    assert manifest["splits"]["val"]["samples"] == 24
+    assert [s["reason"] for s in manifest["skipped"]] == ["no label in LOC_val_solution.csv"]
+    rows = _raw_rows(str(tmp_path / "out"), "val")
+    truth = {
+        f"val/ILSVRC2012_val_{i:08d}.JPEG": p.parent.name
+        for i, p in enumerate(sorted((sample_images / "val").rglob("*.JPEG")))
+    }
+    assert all(truth[r["meta"]["path"]] == r["meta"]["wnid"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+def test_ray_data_streams_every_sample_with_its_label_from_s3(ray_cluster, prepared):
+    uri, _ = prepared
+    counter = ingest.bad_sample_counter()
+    ds = read_split(uri, "val", image_size=32, train=False, counter=counter)
+    batches = list(ds.iter_torch_batches(batch_size=32))
+    images = torch.cat([b["image"] for b in batches])
+    assert images.shape == (24, 32, 32, 3) and images.dtype == torch.uint8
+    assert Counter(int(y) for b in batches for y in b["label"]) == {0: 6, 1: 6, 2: 6, 3: 6}
+    assert ray.get(counter.counts.remote()) == {"seen": 24, "bad": 0, "examples": []}
+
+
+def test_training_stream_is_augmented_and_reshuffled_every_epoch(ray_cluster, prepared):
+    uri, _ = prepared
+    ds = read_split(uri, "train", image_size=40, train=True, seed=7)
+    first, second = _labels(ds), _labels(ds)
+    assert sorted(first) == sorted(second) == sorted([0, 1, 2, 3] * 24)
+    assert first != second  # a new shard order each execution
+    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
+    assert batch["image"].shape == (8, 40, 40, 3)
+
+
+def test_the_eval_transform_is_resize_then_centre_crop():
+    from torchvision import transforms as T
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)).filter(
+        __import__("PIL.ImageFilter").ImageFilter.GaussianBlur(3)
+    )
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    ours = ingest.eval_transform(buf.getvalue(), 240)
+    ref = np.asarray(T.Compose([T.Resize(274, T.InterpolationMode.BICUBIC), T.CenterCrop(240)])(img))
+    assert ours.shape == ref.shape == (240, 240, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(colour: str = "red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_shards(tmp_path):
+    """Hand-made shards: good samples, a corrupt image, a missing label, an out-of-range label, a truncated tar,
+    and the conventions other tools write (.jpeg/.png members, the label in json)."""
+    root = tmp_path / "bad"
+    (root / "train").mkdir(parents=True)
+    good = [(f"g{i:03d}.{ext}", data) for i in range(20) for ext, data in (("cls", b"1"), ("jpg", _jpeg()))]
+    _write_tar(
+        root / "train" / "shard-000000.tar",
+        [
+            *good,
+            ("corrupt.cls", b"0"),
+            ("corrupt.jpg", b"\xff\xd8 this is no jpeg"),
+            ("nolabel.jpg", _jpeg()),
+            ("outofrange.cls", b"7"),
+            ("outofrange.jpg", _jpeg()),
+        ],
+    )
+    other = [("o001.jpeg", _jpeg("blue")), ("o001.json", b'{"label": 0}'), ("o002.cls", b"0"), ("o002.png", _png())]
+    _write_tar(root / "train" / "shard-000001.tar", other)
+    full = io.BytesIO()
+    _write_tar(
+        root / "train" / "shard-000002.tar",
+        [(f"t{i:03d}.{e}", d) for i in range(10) for e, d in (("cls", b"0"), ("jpg", _jpeg()))],
+    )
+    data = (root / "train" / "shard-000002.tar").read_bytes()
+    (root / "train" / "shard-000002.tar").write_bytes(data[: len(data) // 2])  # truncated mid-stream
+    del full
+    manifest = {
+        "classes": [{"index": 0, "wnid": "a", "name": "a"}, {"index": 1, "wnid": "b", "name": "b"}],
+        "splits": {
+            "train": {
+                "shards": [{"name": f"train/shard-00000{i}.tar", "samples": n} for i, n in enumerate((23, 2, 10))]
+            }
+        },
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), "green").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_skipped_counted_and_logged(ray_cluster, bad_shards):
+    counter = ingest.bad_sample_counter(max_fraction=0.5, min_samples=1)
+    ds = read_split(str(bad_shards), "train", image_size=16, train=False, counter=counter)
+    labels = _labels(ds)
+    # 20 good samples of class 1; of class 0 two in other tools' conventions and the complete samples that
+    # precede the break in the truncated shard.
+    rows = _rows_of(bad_shards / "train" / "shard-000002.tar", expected=10)
+    before_break = sum(r["error"] is None for r in rows)
+    assert 0 < before_break < 10
+    assert labels.count(1) == 20 and labels.count(0) == 2 + before_break
+    counts = ray.get(counter.counts.remote())
+    bad = counts["examples"]
+    assert {"corrupt", "nolabel", "outofrange"} <= set(bad)
+    assert any("#missing-" in k or "#truncated-" in k for k in bad)
+    assert counts["bad"] == 3 + 10 - before_break and counts["seen"] == len(labels) + counts["bad"]
+
+
+def test_too_many_bad_samples_stop_the_job(ray_cluster, bad_shards):
+    counter = ingest.bad_sample_counter(max_fraction=0.01, min_samples=1)
+    ds = read_split(str(bad_shards), "train", image_size=16, train=False, counter=counter)
+    with pytest.raises(Exception, match=r"samples were bad \(.*% > 1.0% allowed\); first keys") as err:
+        _labels(ds)
+    assert BadDataError.__name__ in str(err.value)
+
+
+def _rows_of(path: Path, expected: int | None = None) -> list[dict]:
+    with path.open("rb") as f:
+        return [r for b in ingest.read_tar(f, str(path), expected) for r in b.to_pylist()]
+
+
+def test_a_truncated_tar_keeps_the_samples_before_the_break_and_counts_the_rest(bad_shards, tmp_path):
+    path = bad_shards / "train" / "shard-000002.tar"
+    rows = _rows_of(path, expected=10)
+    good = [r for r in rows if r["error"] is None]
+    assert len(rows) == 10 and 0 < len(good) < 10
+    assert all(r["error"] for r in rows[len(good) :])
+    # A cut inside a member's data is seen by tarfile itself, even without a manifest.
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(b"JFIF") + 100])
+    assert _rows_of(cut)[-1]["error"].startswith("truncated or corrupt tar")
+
+
+def test_model_input_is_normalised_on_the_device_and_mixed_when_asked():
+    images = torch.full((4, 8, 8, 3), 255, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3])
+    x, y = to_model_input(images, labels, num_classes=5, train=False)
+    assert x.shape == (4, 3, 8, 8) and torch.equal(y, labels)
+    torch.testing.assert_close(
+        x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    )
+    x, y = to_model_input(
+        images, labels, num_classes=5, train=True, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=1.0
+    )
+    assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
+    assert not torch.equal(x[0], torch.full_like(x[0], x[0, 0, 0, 0].item()))  # erased patches are noise
