@@ -84,11 +84,11 @@ def webdataset_loader(shards: Path, size: int, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def ray_pipeline(shards: Path, size: int, batch: int) -> float:
+def ray_pipeline(shards: Path, size: int, batch: int, counter) -> float:
     """(c): our read_split, consumed as torch batches."""
     from pipelines.ingest import read_split
 
-    ds = read_split(str(shards), "train", image_size=size, train=True)
+    ds = read_split(str(shards), "train", image_size=size, train=True, counter=counter)
     n = 0
     start = time.perf_counter()
     for b in ds.iter_torch_batches(batch_size=batch):
@@ -118,12 +118,15 @@ def main() -> None:
         )
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ray_pipeline(shards, args.size, args.batch)  # warm the workers up (imports, first tasks)
+        from pipelines.ingest import bad_sample_counter
+
+        counter = bad_sample_counter()  # one per dataset, as in training, where each epoch re-executes it
+        ray_pipeline(shards, args.size, args.batch, counter)  # warm the workers up (imports, first tasks)
         results: dict[str, list[float]] = {"a": [], "b": [], "c": []}
         for r in range(args.rounds):
             results["a"].append(single_process_limit(data, args.size))
             results["b"].append(webdataset_loader(shards, args.size, args.batch))
-            results["c"].append(ray_pipeline(shards, args.size, args.batch))
+            results["c"].append(ray_pipeline(shards, args.size, args.batch, counter))
             print(f"round {r}: " + ", ".join(f"({k}) {v[-1]:.0f}" for k, v in results.items()), flush=True)
         a, b, c = (statistics.median(results[k]) for k in "abc")
         print(f"(a) single process x {os.cpu_count()} cores: {a:8.1f} img/s")

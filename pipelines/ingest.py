@@ -25,7 +25,6 @@ import math
 import os
 import random
 import tarfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,16 +39,13 @@ from torchvision import transforms as T
 
 from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 from pipelines import storage
+from pipelines.bad_samples import BadDataError, bad_sample_counter
 from pipelines.shards import load_manifest
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 BLOCK_ROWS = 64  # samples per block, and so per decode call
-
-
-class BadDataError(RuntimeError):
-    """More samples were bad than the configured maximum fraction allows."""
 
 
 @dataclass(frozen=True)
@@ -204,37 +200,24 @@ def eval_transform(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
 
 
-@ray.remote(num_cpus=0)
-class BadSampleCounter:
-    """Counts samples and bad samples across all decode tasks; says when the bad fraction is too high."""
-
-    def __init__(self, max_fraction: float, min_samples: int):
-        self.max_fraction, self.min_samples = max_fraction, min_samples
-        self.seen = self.bad = 0
-        self.examples: list[str] = []
-
-    def report(self, seen: int, bad: list[str]) -> str | None:
-        self.seen += seen
-        self.bad += len(bad)
-        self.examples = (self.examples + bad)[:20]
-        if self.bad and self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
-            return (
-                f"{self.bad} of {self.seen} samples were bad ({100 * self.bad / self.seen:.1f}% > "
-                f"{100 * self.max_fraction:.1f}% allowed); first keys: {self.examples[:5]}"
-            )
-        return None
-
-    def counts(self) -> dict:
-        return {"seen": self.seen, "bad": self.bad, "examples": self.examples}
-
-
 class DecodeBatch:
-    """The map_batches function: raw rows -> {"image": uint8 (B, S, S, 3), "label": int64 (B,)}."""
+    """The map_batches function: raw rows -> {"image": uint8 (B, S, S, 3), "label": int64 (B,)}.
 
-    def __init__(self, size: int, train: bool, aug: AugmentConfig, num_classes: int, counter):
+    With ``on_device=True`` images are only checked (headers parsed) and shipped encoded, as
+    {"encoded": binary, "label": int64}, for ``decode_on_device`` on the training GPU.
+    """
+
+    def __init__(self, size: int, train: bool, aug: AugmentConfig, num_classes: int, counter, on_device: bool = False):
         self.size, self.train, self.aug, self.num_classes, self.counter = size, train, aug, num_classes, counter
+        self.on_device = on_device
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def _transform(self, data: bytes, rng: random.Random):
+        if self.on_device:
+            Image.open(io.BytesIO(data)).verify()  # headers and structure only; pixels are decoded on the GPU
+            return data
+        return train_transform(data, self.size, self.aug, rng) if self.train else eval_transform(data, self.size)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray] | pa.Table:
         # Every Ray worker starts torch's generator from the same default seed: reseed from the OS.
         torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
         rng = random.Random()
@@ -244,11 +227,7 @@ class DecodeBatch:
                 error = f"label {label} outside [0, {self.num_classes})"
             if error is None:
                 try:
-                    image = (
-                        train_transform(data, self.size, self.aug, rng)
-                        if self.train
-                        else eval_transform(data, self.size)
-                    )
+                    image = self._transform(data, rng)
                 except Exception as e:  # Pillow raises many types for corrupt data
                     error = f"cannot decode image: {type(e).__name__}: {e}"
             if error is not None:
@@ -260,14 +239,11 @@ class DecodeBatch:
         problem = ray.get(self.counter.report.remote(batch.num_rows, bad))
         if problem:
             raise BadDataError(problem)
+        if self.on_device:
+            return pa.table({"encoded": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
         if not images:
             return {"image": np.zeros((0, self.size, self.size, 3), np.uint8), "label": np.zeros(0, np.int64)}
         return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
-
-
-def bad_sample_counter(max_fraction: float = 0.01, min_samples: int = 100):
-    """A counter shared by every decode task of a dataset; ask it ``counts`` after (or during) an epoch."""
-    return BadSampleCounter.options(name=f"bad-samples-{uuid.uuid4().hex[:12]}").remote(max_fraction, min_samples)
 
 
 def read_split(
@@ -279,12 +255,16 @@ def read_split(
     augment: AugmentConfig = AugmentConfig(),
     seed: int | None = None,
     counter=None,
+    decode_on_device: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of one split: shard order reshuffled every epoch (train), decoded and augmented.
 
     ``counter`` (from ``bad_sample_counter``) sets the bad-sample limit and reports what was skipped; by
     default at most 1 % of samples may be bad. The bounded local shuffle belongs to the consumer:
     ``iter_torch_batches(local_shuffle_buffer_size=...)``.
+
+    ``decode_on_device=True`` ships the encoded images instead (for GPU nodes whose CPUs cannot keep up):
+    consume with ``iter_batches(batch_format="pyarrow")`` and ``decode_on_device``.
     """
     manifest = load_manifest(data_uri)
     if split not in manifest["splits"]:
@@ -295,7 +275,9 @@ def read_split(
     shuffle = FileShuffleConfig(seed=seed if seed is not None else random.randrange(2**31)) if train else None
     expected = {s["name"]: s["samples"] for s in manifest["splits"][split]["shards"] if "samples" in s}
     source = ShardDatasource(paths, expected, filesystem=fs, shuffle=shuffle)
-    decode = DecodeBatch(image_size, train, augment, len(manifest["classes"]), counter or bad_sample_counter())
+    decode = DecodeBatch(
+        image_size, train, augment, len(manifest["classes"]), counter or bad_sample_counter(), decode_on_device
+    )
     # batch_size=None: decode each block as the read yields it (BLOCK_ROWS samples).
     # One read task per shard (no block splitting), so that Ray can fuse read and decode.
     ds = ray.data.read_datasource(source, override_num_blocks=len(paths))
@@ -346,3 +328,55 @@ def to_model_input(
         mixer = v2.RandomChoice([m(alpha=a, num_classes=num_classes) for m, a in zip(mixers, alphas)])
         x, labels = mixer(x, labels)
     return x, labels
+
+
+def decode_on_device(
+    encoded: pa.Table | dict,
+    *,
+    size: int,
+    train: bool,
+    device: torch.device | str,
+    augment: AugmentConfig = AugmentConfig(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch from ``read_split(..., decode_on_device=True)`` -> uint8 (B, S, S, 3) and labels on ``device``.
+
+    JPEGs are decoded by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), other formats on the
+    CPU; then the same augmentation as the CPU path runs there with torchvision's tensor transforms. A JPEG
+    that only fails at decode time is logged and dropped.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    data = encoded.column("encoded").to_pylist() if isinstance(encoded, pa.Table) else list(encoded["encoded"])
+    labels = encoded.column("label").to_pylist() if isinstance(encoded, pa.Table) else list(encoded["label"])
+    images, kept = [], []
+    for i, raw in enumerate(data):
+        buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        try:
+            if raw[:2] == b"\xff\xd8":
+                images.append(decode_jpeg(buf, mode=ImageReadMode.RGB, device=device))
+            else:
+                images.append(decode_image(buf, mode=ImageReadMode.RGB).to(device))
+            kept.append(labels[i])
+        except RuntimeError as e:
+            log.warning("dropping an image that failed to decode on %s: %s", device, e)
+    bicubic = T.InterpolationMode.BICUBIC
+    out = []
+    for img in images:
+        if train:
+            top, left, h, w = T.RandomResizedCrop.get_params(img, list(augment.scale), list(augment.ratio))
+            img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=bicubic, antialias=True)
+            if random.random() < augment.hflip:
+                img = TF.horizontal_flip(img)
+            if augment.rand_augment_ops:
+                m = round(min(30.0, max(0.0, random.gauss(augment.rand_augment_magnitude, augment.rand_augment_std))))
+                img = v2.RandAugment(augment.rand_augment_ops, m, interpolation=T.InterpolationMode.BILINEAR)(img)
+        else:
+            img = TF.center_crop(
+                TF.resize(img, [eval_resize_size(size)], interpolation=bicubic, antialias=True), [size]
+            )
+        out.append(img)
+    if not out:
+        return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.long)
+    return torch.stack(out).permute(0, 2, 3, 1), torch.tensor(kept, device=device)

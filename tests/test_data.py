@@ -351,3 +351,20 @@ def test_model_input_is_normalised_on_the_device_and_mixed_when_asked():
     )
     assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
     assert not torch.equal(x[0], torch.full_like(x[0], x[0, 0, 0, 0].item()))  # erased patches are noise
+
+
+def test_images_can_be_shipped_encoded_and_decoded_on_the_device(ray_cluster, prepared):
+    """The GPU-decode path, run here on the CPU device: same shapes, labels and eval geometry as the CPU path."""
+    uri, _ = prepared
+    ds = read_split(uri, "val", image_size=32, train=False, decode_on_device=True)
+    images, labels = [], []
+    for batch in ds.iter_batches(batch_size=16, batch_format="pyarrow"):
+        assert batch.column_names == ["encoded", "label"]
+        x, y = ingest.decode_on_device(batch, size=32, train=False, device="cpu")
+        images.append(x)
+        labels += y.tolist()
+    assert torch.cat(images).shape == (24, 32, 32, 3) and Counter(labels) == {0: 6, 1: 6, 2: 6, 3: 6}
+    train_ds = read_split(uri, "train", image_size=32, train=True, decode_on_device=True)
+    train = next(iter(train_ds.iter_batches(batch_size=8, batch_format="pyarrow")))
+    x, y = ingest.decode_on_device(train, size=32, train=True, device="cpu")
+    assert x.shape == (8, 32, 32, 3) and x.dtype == torch.uint8 and y.shape == (8,)

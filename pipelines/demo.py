@@ -1,0 +1,92 @@
+"""The steps of ``python -m jobs.demo``: every stage of the workflow, small, on one machine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from crossvit import create_model
+from pipelines import ingest
+from pipelines.local_s3 import local_s3
+from pipelines.sample_data import SampleSpec, write_sample_dataset
+from pipelines.shards import prepare
+
+BUCKET = "s3://crossvit-demo"
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, image_size: int) -> None:
+    with local_s3() as endpoint:
+        print(f"S3-compatible endpoint on {endpoint} (moto server); AWS_ENDPOINT_URL points at it")
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            data_uri = _prepare(workdir, classes, train_per_class, val_per_class)
+            _ingest(data_uri, image_size)
+        finally:
+            ray.shutdown()
+
+
+def _prepare(workdir: Path, classes: int, train_per_class: int, val_per_class: int) -> str:
+    _step("1. sample data set -> WebDataset shards in object storage")
+    t = time.monotonic()
+    images = write_sample_dataset(workdir / "sample", SampleSpec(classes, train_per_class, val_per_class))
+    print(
+        f"generated {classes * (train_per_class + val_per_class)} images in ImageNet layout under {images} "
+        f"({time.monotonic() - t:.1f} s)"
+    )
+    data_uri = f"{BUCKET}/datasets/sample"
+    t = time.monotonic()
+    manifest = prepare(str(images), data_uri, shard_size_mb=1)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['samples']} images in {len(info['shards'])} shards at {data_uri}/{split}/")
+    print(
+        f"manifest: {data_uri}/manifest.json, {len(manifest['classes'])} classes "
+        f"({', '.join(c['name'] for c in manifest['classes'][:3])}, ...), {time.monotonic() - t:.1f} s"
+    )
+    return data_uri
+
+
+def _ingest(data_uri: str, image_size: int) -> None:
+    _step("2. Ray Data streams the shards: decode + augment on CPUs, uint8 batches to the consumer")
+    counter = ingest.bad_sample_counter()
+    ds = ingest.read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
+    model = create_model(
+        img_size=image_size,
+        img_scale=(1.0, 1.0),
+        patch_size=(12, 16),
+        embed_dim=(32, 64),
+        depth=((1, 2, 0), (1, 2, 0)),
+        num_heads=(2, 2),
+        num_classes=10,
+    ).eval()
+    n, t = 0, time.monotonic()
+    for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
+        x, y = ingest.to_model_input(
+            batch["image"],
+            batch["label"],
+            num_classes=10,
+            train=True,
+            random_erasing=0.25,
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+        )
+        with torch.no_grad():
+            logits = model(x)
+        n += len(batch["label"])
+    seconds = time.monotonic() - t
+    counts = ray.get(counter.counts.remote())
+    print(
+        f"one epoch: {n} training images in {seconds:.1f} s ({n / seconds:.0f} img/s, worker start-up included),"
+        f" {counts['bad']} bad samples"
+    )
+    print(
+        f"last batch: uint8 {tuple(batch['image'].shape)} -> normalised, erased, mixed {tuple(x.shape)}, "
+        f"soft targets {tuple(y.shape)} -> CrossViT logits {tuple(logits.shape)}"
+    )
