@@ -204,4 +204,7 @@ def ensure_bucket(uri: str) -> None:
     except _s3_errors() as e:
         if not _not_found(e) and "404" not in str(e):
             raise StorageError(f"cannot reach bucket {loc.bucket}: {e}") from None
-        client.create_bucket(Bucket=loc.bucket)
+        try:
+            client.create_bucket(Bucket=loc.bucket)
+        except _s3_errors() as e:
+            raise StorageError(f"cannot create bucket {loc.bucket}: {e}") from None

@@ -1,0 +1,59 @@
+"""Ray Train: the recipe's pieces, and a real 2-worker DDP run on the sample data from the loopback S3."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import crossvit
+from pipelines import storage
+from pipelines.shards import prepare
+from pipelines.train import TrainConfig, fit, lr_at, param_groups
+
+
+def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
+    model = crossvit.create_model("crossvit_9_240")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed_0", "cls_token_1", "norm.0.weight", "head.0.bias"} <= skipped
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_per_iteration():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
+    lrs = [lr_at(s, 100, cfg, peak=1e-3) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[200] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:201]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[200:])) and lrs[-1] == pytest.approx(1e-5, rel=1e-2)
+
+
+def test_config_loads_from_yaml_with_overrides(tmp_path):
+    cfg = TrainConfig.from_yaml("jobs/configs/sample.yaml", data="s3://x/y", epochs=2, name=None)
+    assert cfg.data == "s3://x/y" and cfg.epochs == 2 and cfg.model_overrides["embed_dim"] == [32, 64]
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_two_worker_ddp_run_evaluates_exactly_checkpoints_to_s3_and_resumes(ray_cluster, sample_images):
+    data = "s3://train-test/data"
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    cfg = TrainConfig.from_yaml(
+        "jobs/configs/sample.yaml", data=data, storage="s3://train-test/runs", name="resume", epochs=2, batch_size=8
+    )
+    result = fit(cfg)
+    assert result.error is None
+    assert result.metrics["epoch"] == 1 and result.metrics["val_samples"] == 24  # all val images, once
+    files = storage.list_files("s3://train-test/runs/resume")
+    checkpoints = sorted({f.rsplit("/", 2)[-2] for f in files if f.endswith("weights.safetensors")})
+    assert len(checkpoints) == 2
+    latest = f"s3://train-test/runs/resume/{checkpoints[-1]}"
+    saved = json.loads(storage.read_bytes(f"{latest}/config.json"))
+    assert saved["cfg"]["name"] == "resume" and saved["num_classes"] == 4
+    # Started again with the same name and more epochs: it resumes from the latest checkpoint.
+    resumed = fit(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
+    assert resumed.error is None and resumed.metrics["epoch"] == 2
+    assert torch.isfinite(torch.tensor(resumed.metrics["train_loss"]))
