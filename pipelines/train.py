@@ -10,7 +10,6 @@ benchmark are not done yet.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import tempfile
@@ -24,6 +23,8 @@ from torch import nn
 
 import crossvit
 from crossvit.weights import load_weights, save_weights
+from pipelines import storage
+from pipelines.metrics import format_epoch, plot_curves, record_epoch
 
 
 @dataclass
@@ -49,7 +50,8 @@ class TrainConfig:
     rand_augment: bool = True
     drop_path: float = 0.1
     clip_grad: float = 0.0  # 0: no clipping
-    num_workers: int = 2
+    num_workers: int | str = 2  # or "MIN-MAX": an elastic worker group
+    init: str = ""  # fine-tune from these weights (safetensors or a timm/official .pth), any URI
     use_gpu: bool = False
     compile: bool = False
     eval_every: int = 1
@@ -79,25 +81,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig, peak: float) -> float:
-    """Linear warmup from warmup_lr, then cosine to min_lr, stepped per iteration."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    if step < warmup:
-        return cfg.warmup_lr + (peak - cfg.warmup_lr) * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
+def lr_at(epoch_progress: float, cfg: TrainConfig, peak: float) -> float:
+    """Linear warmup from warmup_lr, then cosine to min_lr; a function of (fractional) epochs done, so the
+    schedule stays the same when an elastic run changes its number of workers (and so its steps per epoch)."""
+    if epoch_progress < cfg.warmup_epochs:
+        return cfg.warmup_lr + (peak - cfg.warmup_lr) * epoch_progress / cfg.warmup_epochs
+    progress = (epoch_progress - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _state_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def scaling(num_workers: int | str) -> int | tuple[int, int]:
+    """``4`` -> 4 workers; ``"2-8"`` -> an elastic group of 2 to 8 workers (Ray Train's (min, max))."""
+    if isinstance(num_workers, str) and "-" in num_workers:
+        lo, hi = (int(v) for v in num_workers.split("-"))
+        return lo, hi
+    return int(num_workers)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """What every Ray Train worker runs: loop_config = {"cfg": TrainConfig as a dict, "num_classes",
-    "steps_per_epoch"} (what the driver learnt from the manifest)."""
+    "train_samples"} (what the driver learnt from the manifest)."""
     import ray.train
     import ray.train.torch
 
@@ -109,21 +112,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed + ctx.get_world_rank())
     device = ray.train.torch.get_device()
     manifest_classes = loop_config["num_classes"]
-    steps_per_epoch = loop_config["steps_per_epoch"]
+    steps_per_epoch = max(1, math.ceil(loop_config["train_samples"] / (cfg.batch_size * world)))
+    run_uri = storage.join(cfg.storage, cfg.name)
 
     model = crossvit.create_model(
         cfg.model, num_classes=manifest_classes, drop_path_rate=cfg.drop_path, **cfg.model_overrides
     )
     peak = cfg.lr * cfg.batch_size * world / 512
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak, fused=device.type == "cuda")
-    start_epoch, step = 0, 0
+    start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             load_weights(model, Path(d) / "weights.safetensors")
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
-            start_epoch, step = state["epoch"] + 1, state["step"]
+            start_epoch = state["epoch"] + 1
+            torch.set_rng_state(state["rng"])
+    elif cfg.init:
+        _load_init(model, cfg.init)
     model = ray.train.torch.prepare_model(model)
     if cfg.compile:
         model = torch.compile(model)
@@ -148,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 channels_last=device.type == "cuda",
             )
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps_per_epoch, cfg, peak)
+                group["lr"] = lr_at(epoch + min(batches / steps_per_epoch, 1.0), cfg, peak)
             with autocast:
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -156,7 +163,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            step += 1
             seen += len(y)
             loss_sum += loss.item()
             batches += 1
@@ -175,11 +181,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 inner = model.module if hasattr(model, "module") else model
                 inner = getattr(inner, "_orig_mod", inner)
                 save_weights(inner, Path(d) / "weights.safetensors")
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, Path(d) / "state.pt")
+                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "rng": torch.get_rng_state()}
+                torch.save(state, Path(d) / "state.pt")
                 (Path(d) / "config.json").write_text(json.dumps(loop_config, indent=1))
+                history = record_epoch(run_uri, metrics)
+                print(format_epoch(metrics, cfg.epochs), flush=True)
+                if epoch + 1 == cfg.epochs:
+                    storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
+
+
+def _load_init(model: nn.Module, uri: str) -> None:
+    """Fine-tuning start: foreign or registered weights, another class count or resolution allowed."""
+    suffix = ".safetensors" if uri.endswith(".safetensors") else ".pth"
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(storage.read_bytes(uri))
+        f.flush()
+        load_weights(model, f.name, reset_classifier=True, resize_pos_embed=True)
 
 
 def evaluate(model: nn.Module, shard, num_classes: int, batch_size: int, device) -> dict:
@@ -243,7 +263,6 @@ def fit(cfg: TrainConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines import storage
     from pipelines.ingest import AugmentConfig, read_split
     from pipelines.shards import load_manifest
 
@@ -254,17 +273,16 @@ def fit(cfg: TrainConfig):
         "train": read_split(cfg.data, "train", image_size=model_cfg.img_size, train=True, augment=augment),
         "val": read_split(cfg.data, "val", image_size=model_cfg.img_size, train=False),
     }
-    global_batch = cfg.batch_size * cfg.num_workers
     loop_config = {
         "cfg": asdict(cfg),
         "num_classes": len(manifest["classes"]),
-        "steps_per_epoch": max(1, manifest["splits"]["train"]["samples"] // global_batch),
+        "train_samples": manifest["splits"]["train"]["samples"],
     }
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling(cfg.num_workers), use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=path,

@@ -9,7 +9,7 @@ import torch
 import crossvit
 from pipelines import storage
 from pipelines.shards import prepare
-from pipelines.train import TrainConfig, fit, lr_at, param_groups
+from pipelines.train import TrainConfig, fit, lr_at, param_groups, scaling
 
 
 def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
@@ -24,10 +24,14 @@ def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
 
 def test_learning_rate_warms_up_then_follows_a_cosine_per_iteration():
     cfg = TrainConfig(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
-    lrs = [lr_at(s, 100, cfg, peak=1e-3) for s in range(1000)]
+    lrs = [lr_at(s / 100, cfg, peak=1e-3) for s in range(1000)]  # per iteration, 100 per epoch
     assert lrs[0] == pytest.approx(1e-6) and lrs[200] == pytest.approx(1e-3)
     assert all(a <= b for a, b in itertools.pairwise(lrs[:201]))
     assert all(a >= b for a, b in itertools.pairwise(lrs[200:])) and lrs[-1] == pytest.approx(1e-5, rel=1e-2)
+
+
+def test_worker_counts_are_fixed_or_an_elastic_range():
+    assert scaling(4) == 4 and scaling("4") == 4 and scaling("2-8") == (2, 8)
 
 
 def test_config_loads_from_yaml_with_overrides(tmp_path):
@@ -57,3 +61,8 @@ def test_two_worker_ddp_run_evaluates_exactly_checkpoints_to_s3_and_resumes(ray_
     resumed = fit(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
     assert resumed.error is None and resumed.metrics["epoch"] == 2
     assert torch.isfinite(torch.tensor(resumed.metrics["train_loss"]))
+    history = json.loads(storage.read_bytes("s3://train-test/runs/resume/metrics.json"))
+    assert [m["epoch"] for m in history] == [0, 1, 2]  # every epoch once, across the restart
+    assert set(history[0]) >= {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s"}
+    assert storage.read_bytes("s3://train-test/runs/resume/metrics.csv").startswith(b"epoch,lr,train_loss")
+    assert storage.read_bytes("s3://train-test/runs/resume/curves.png")[:4] == b"\x89PNG"
