@@ -1,9 +1,18 @@
-"""Shared test fixtures: tiny model configurations that run in milliseconds on 2 CPU cores."""
+"""Shared test fixtures: tiny model configurations, the loopback S3 endpoint, the session's Ray cluster."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from crossvit import CrossViTConfig
+
+# `ray start --head` (Ray 2.60) turns on token authentication, and Ray reads the client's mode when it is
+# first imported: set it before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 # Two branches (patch 12 on 48 px, patch 16 on 48 px), two multi-scale blocks: every code path of the
 # published models, at a size that trains on a laptop CPU in seconds.
@@ -40,13 +49,41 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """One local Ray cluster per test session, started after the S3 variables so its workers inherit them."""
+    """One Ray cluster per test session, started the way a cluster user does (``ray start --head``) after
+    the S3 variables are set, so that its workers and submitted jobs inherit them. Ray 2.60's ``ray start``
+    turns on token authentication; clients (this process, ``ray job submit``) then need RAY_AUTH_MODE=token
+    and find the token in ~/.ray/auth_token."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    from pipelines.local_s3 import _free_port
+
+    port, dashboard_port = _free_port(), _free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # Submitted jobs run `python ...` from the PATH the head node was started with: this environment's.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    try:
+        ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    finally:
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,44 @@ def test_two_worker_ddp_run_evaluates_exactly_checkpoints_to_s3_and_resumes(ray_
     assert set(history[0]) >= {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s"}
     assert storage.read_bytes("s3://train-test/runs/resume/metrics.csv").startswith(b"epoch,lr,train_loss")
     assert storage.read_bytes("s3://train-test/runs/resume/curves.png")[:4] == b"\x89PNG"
+
+
+def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_images, tmp_path):
+    """As a cluster user would: ``ray job submit --working-dir . -- python -m jobs.train ...`` against the
+    head node the session started (token authentication on, as ``ray start`` leaves it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = "s3://job-test/data"
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [
+        ray_cli,
+        "job",
+        "submit",
+        "--address",
+        ray_cluster["dashboard"],
+        "--working-dir",
+        str(repo),
+        "--",
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        "jobs/configs/sample.yaml",
+        "--data",
+        data,
+        "--storage",
+        "s3://job-test/runs",
+        "--name",
+        "submitted",
+        "--epochs",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout and "final metrics" in out.stdout
+    history = json.loads(storage.read_bytes("s3://job-test/runs/submitted/metrics.json"))
+    assert [m["epoch"] for m in history] == [0]
