@@ -107,3 +107,46 @@ def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_imag
     assert "succeeded" in out.stdout and "final metrics" in out.stdout
     history = json.loads(storage.read_bytes("s3://job-test/runs/submitted/metrics.json"))
     assert [m["epoch"] for m in history] == [0]
+
+
+def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster, sample_images):
+    """SIGKILL one training worker while epoch 2 runs: Ray Train restarts the group from the last checkpoint
+    (FailureConfig) and the run finishes with every epoch recorded once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    data = "s3://kill-test/data"
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    cfg = TrainConfig.from_yaml(
+        "jobs/configs/sample.yaml", data=data, storage="s3://kill-test/runs", name="killed", epochs=3, batch_size=8
+    )
+    killed = []
+
+    def kill_a_worker_after_the_first_epoch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            try:
+                done = json.loads(storage.read_bytes("s3://kill-test/runs/killed/metrics.json"))
+            except FileNotFoundError:
+                done = []
+            if done:
+                workers = [
+                    a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                ]
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_epoch, daemon=True)
+    killer.start()
+    result = fit(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.error is None and result.metrics["epoch"] == 2
+    history = json.loads(storage.read_bytes("s3://kill-test/runs/killed/metrics.json"))
+    assert [m["epoch"] for m in history] == [0, 1, 2]
