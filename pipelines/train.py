@@ -258,8 +258,10 @@ def _exact_val_data_config():
     return ExactValDataConfig()
 
 
-def fit(cfg: TrainConfig):
-    """Build the datasets and the TorchTrainer for ``cfg`` and run it; returns Ray Train's Result."""
+def fit(cfg: TrainConfig, datasets: dict | None = None):
+    """Build the datasets and the TorchTrainer for ``cfg`` and run it; returns Ray Train's Result.
+
+    ``datasets`` replaces the ingest pipeline (the training benchmark feeds synthetic in-memory batches)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -269,7 +271,7 @@ def fit(cfg: TrainConfig):
     manifest = load_manifest(cfg.data)
     model_cfg = dataclasses.replace(crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides)
     augment = AugmentConfig(rand_augment_ops=2 if cfg.rand_augment else 0, random_erasing=cfg.random_erasing)
-    datasets = {
+    datasets = datasets or {
         "train": read_split(cfg.data, "train", image_size=model_cfg.img_size, train=True, augment=augment),
         "val": read_split(cfg.data, "val", image_size=model_cfg.img_size, train=False),
     }
