@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     result = fit(TrainConfig.from_yaml(args.config, **overrides))
-    print(f"final metrics: {result.metrics}\nlatest checkpoint: {result.checkpoint}")
+    if result is not None:
+        print(f"final metrics: {result.metrics}\nlatest checkpoint: {result.checkpoint}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 import crossvit
 from crossvit.weights import load_weights, save_weights
 from pipelines import storage
-from pipelines.metrics import format_epoch, plot_curves, record_epoch
+from pipelines.metrics import format_epoch, load_history, plot_curves, record_epoch
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrainConfig:
     use_gpu: bool = False
     compile: bool = False
     eval_every: int = 1
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the best N by validation top-1, plus the latest
     max_failures: int = 3
     seed: int = 0
 
@@ -136,6 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = torch.compile(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    last_eval = {"val_loss": float("nan"), "val_top1": 0.0, "val_top5": 0.0, "val_samples": 0}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.epochs):
@@ -175,7 +176,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch_s": train_seconds,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics.update(evaluate(model, val_shard, manifest_classes, cfg.batch_size, device))
+            last_eval = evaluate(model, val_shard, manifest_classes, cfg.batch_size, device)
+        metrics.update(last_eval)  # between evaluations the last one stands (checkpoints are ranked by it)
         with tempfile.TemporaryDirectory() as d:
             if ctx.get_world_rank() == 0:
                 inner = model.module if hasattr(model, "module") else model
@@ -259,7 +261,8 @@ def _exact_val_data_config():
 
 
 def fit(cfg: TrainConfig, datasets: dict | None = None):
-    """Build the datasets and the TorchTrainer for ``cfg`` and run it; returns Ray Train's Result.
+    """Build the datasets and the TorchTrainer for ``cfg`` and run it; returns Ray Train's Result, or None
+    when a run of that name has already finished (a stopped one resumes from its latest checkpoint).
 
     ``datasets`` replaces the ingest pipeline (the training benchmark feeds synthetic in-memory batches)."""
     import ray.train
@@ -268,6 +271,10 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
     from pipelines.ingest import AugmentConfig, read_split
     from pipelines.shards import load_manifest
 
+    history = load_history(storage.join(cfg.storage, cfg.name))
+    if history and history[-1]["epoch"] + 1 >= cfg.epochs:
+        print(f"run {cfg.name} already finished its {cfg.epochs} epochs: nothing to do")
+        return None
     manifest = load_manifest(cfg.data)
     model_cfg = dataclasses.replace(crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides)
     augment = AugmentConfig(rand_augment_ops=2 if cfg.rand_augment else 0, random_erasing=cfg.random_erasing)
@@ -289,7 +296,10 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
             name=cfg.name,
             storage_path=path,
             storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # The best keep_checkpoints by validation top-1; Ray Train always keeps the latest as well.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1", checkpoint_score_order="max"
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,

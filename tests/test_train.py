@@ -66,6 +66,7 @@ def test_two_worker_ddp_run_evaluates_exactly_checkpoints_to_s3_and_resumes(ray_
     assert set(history[0]) >= {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s"}
     assert storage.read_bytes("s3://train-test/runs/resume/metrics.csv").startswith(b"epoch,lr,train_loss")
     assert storage.read_bytes("s3://train-test/runs/resume/curves.png")[:4] == b"\x89PNG"
+    assert fit(TrainConfig(**{**cfg.__dict__, "epochs": 3})) is None  # a finished run: nothing to do
 
 
 def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_images, tmp_path):
