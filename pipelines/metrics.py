@@ -59,6 +59,8 @@ def plot_curves(history: list[dict], width: int = 640, height: int = 360) -> byt
         left, top, right, bottom = x0 + 40, 30, x0 + width // 2 - 15, height - 30
         draw.rectangle((left, top, right, bottom), outline="black")
         draw.text((left, 10), title, fill="black")
+        for i, (key, colour) in enumerate(series):  # the legend: each series' name in its colour
+            draw.text((left + 90 + 80 * i, 10), key, fill=colour)
         values = [m[k] for k, _ in series for m in history if m.get(k) is not None]
         if not values or not epochs:
             continue
