@@ -68,15 +68,27 @@ class AugmentConfig:
 # --------------------------------------------------------------------------------------------------------
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _parse_label(sample: dict[str, bytes]) -> int | None:
+    """The integer label from ``cls``, or ``label``/``cls``/``class`` in ``json``; ValueError if malformed."""
     if "cls" in sample:
-        return int(sample["cls"].decode().strip())
-    if "json" in sample:
+        label = int(sample["cls"].decode().strip())
+    elif "json" in sample:
         meta = json.loads(sample["json"])
-        for name in ("label", "cls", "class"):
-            if isinstance(meta.get(name), int):
-                return meta[name]
-    return None
+        if not isinstance(meta, dict):
+            raise ValueError("json member is not an object")
+        label = next((meta[k] for k in ("label", "cls", "class") if k in meta), None)
+        if label is None:
+            return None
+        if type(label) is not int:  # bool is an int subclass; "3" or 3.0 are not labels either
+            raise ValueError(f"json label {label!r} is not an integer")
+    else:
+        return None
+    if not -INT64_MAX <= label <= INT64_MAX:
+        raise ValueError(f"label {label} is out of range")
+    return label
 
 
 def _row(key: str, sample: dict[str, bytes]) -> dict:
@@ -110,7 +122,10 @@ def read_tar(stream, path: str, expected_samples: int | None = None) -> Iterator
             for member in tar:
                 if not member.isreg():
                     continue
-                base, _, suffix = member.name.rpartition("/")[2].partition(".")
+                # WebDataset's key: the path up to the first dot of the file name (folders included).
+                folder, _, filename = member.name.rpartition("/")
+                stem, _, suffix = filename.partition(".")
+                base = f"{folder}/{stem}" if folder else stem
                 if base != key:
                     if key is not None:
                         rows.append(_row(key, sample))
@@ -123,7 +138,7 @@ def read_tar(stream, path: str, expected_samples: int | None = None) -> Iterator
         if key is not None:
             rows.append(_row(key, sample))
             read += 1
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError) as e:  # storage I/O errors propagate: Ray Data retries the read
         where = f"after {key}" if key else "at the start"
         rows.append(_error_row(f"{path}#truncated-{where}", f"truncated or corrupt tar {where}: {e}"))
         read += 1
@@ -337,12 +352,14 @@ def decode_on_device(
     train: bool,
     device: torch.device | str,
     augment: AugmentConfig = AugmentConfig(),
+    counter=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch from ``read_split(..., decode_on_device=True)`` -> uint8 (B, S, S, 3) and labels on ``device``.
 
     JPEGs are decoded by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), other formats on the
     CPU; then the same augmentation as the CPU path runs there with torchvision's tensor transforms. A JPEG
-    that only fails at decode time is logged and dropped.
+    that only fails at decode time is logged, dropped and reported to ``counter`` (the dataset's
+    bad_sample_counter), which raises BadDataError past its limit as on the CPU path.
     """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms import v2
@@ -350,7 +367,7 @@ def decode_on_device(
 
     data = encoded.column("encoded").to_pylist() if isinstance(encoded, pa.Table) else list(encoded["encoded"])
     labels = encoded.column("label").to_pylist() if isinstance(encoded, pa.Table) else list(encoded["label"])
-    images, kept = [], []
+    images, kept, failed = [], [], []
     for i, raw in enumerate(data):
         buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         try:
@@ -361,6 +378,11 @@ def decode_on_device(
             kept.append(labels[i])
         except RuntimeError as e:
             log.warning("dropping an image that failed to decode on %s: %s", device, e)
+            failed.append(f"batch-item-{i}")
+    if counter is not None and failed:  # the rows were counted as seen on the CPU side already
+        problem = ray.get(counter.report.remote(0, failed))
+        if problem:
+            raise BadDataError(problem)
     bicubic = T.InterpolationMode.BICUBIC
     out = []
     for img in images:

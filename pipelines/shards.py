@@ -196,7 +196,7 @@ def encode_image(data: bytes) -> tuple[bytes, str]:
     with Image.open(io.BytesIO(data)) as img:
         fmt = img.format
         if fmt == "JPEG":
-            img.draft("RGB", (img.width // 8, img.height // 8))
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
         img.load()
         if fmt in KEPT_FORMATS:
             return data, KEPT_FORMATS[fmt]

@@ -47,10 +47,10 @@ class Location:
 def parse(uri: str | os.PathLike) -> Location:
     uri = str(uri)
     if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        bucket, _, key = uri[len("s3://") :].partition("/")  # not urlparse: keys may hold '#' or '?'
+        if not bucket:
             raise ValueError(f"{uri!r} names no bucket")
-        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return Location("s3", bucket, key.lstrip("/"))
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI {uri!r}: use s3://bucket/prefix or a local path")
     return Location("file", "", str(Path(uri.removeprefix("file://")).expanduser().resolve()))

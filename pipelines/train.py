@@ -109,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig(**loop_config["cfg"])
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
-    torch.manual_seed(cfg.seed + ctx.get_world_rank())
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     manifest_classes = loop_config["num_classes"]
     steps_per_epoch = max(1, math.ceil(loop_config["train_samples"] / (cfg.batch_size * world)))
@@ -128,7 +128,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             start_epoch = state["epoch"] + 1
-            torch.set_rng_state(state["rng"])
     elif cfg.init:
         _load_init(model, cfg.init)
     model = ray.train.torch.prepare_model(model)
@@ -140,8 +139,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.epochs):
+        # The RNG state is a function of (seed, rank, epoch): a resumed run draws what the uninterrupted one
+        # would have (drop-path, erasing, Mixup/CutMix), and ranks differ from each other.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         model.train()
-        t0, seen, loss_sum, batches = time.monotonic(), 0, 0.0, 0
+        t0, seen, loss_sum, batches = time.monotonic(), 0, torch.zeros((), device=device), 0
         for batch in train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size
         ):
@@ -165,13 +167,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             seen += len(y)
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # no host sync per step
             batches += 1
         train_seconds = time.monotonic() - t0
         metrics = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(batches, 1),
+            "train_loss": loss_sum.item() / max(batches, 1),
             "images_per_s": seen * world / max(train_seconds, 1e-9),
             "epoch_s": train_seconds,
         }
@@ -179,11 +181,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_eval = evaluate(model, val_shard, manifest_classes, cfg.batch_size, device)
         metrics.update(last_eval)  # between evaluations the last one stands (checkpoints are ranked by it)
         with tempfile.TemporaryDirectory() as d:
-            if ctx.get_world_rank() == 0:
+            if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
                 inner = getattr(inner, "_orig_mod", inner)
                 save_weights(inner, Path(d) / "weights.safetensors")
-                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "rng": torch.get_rng_state()}
+                state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
                 torch.save(state, Path(d) / "state.pt")
                 (Path(d) / "config.json").write_text(json.dumps(loop_config, indent=1))
                 history = record_epoch(run_uri, metrics)

@@ -368,3 +368,34 @@ def test_images_can_be_shipped_encoded_and_decoded_on_the_device(ray_cluster, pr
     train = next(iter(train_ds.iter_batches(batch_size=8, batch_format="pyarrow")))
     x, y = ingest.decode_on_device(train, size=32, train=True, device="cpu")
     assert x.shape == (8, 32, 32, 3) and x.dtype == torch.uint8 and y.shape == (8,)
+
+
+def test_malformed_labels_become_counted_errors_and_folders_are_part_of_the_key(tmp_path):
+    path = tmp_path / "odd.tar"
+    _write_tar(
+        path,
+        [
+            ("huge.cls", b"99999999999999999999"),
+            ("huge.jpg", _jpeg()),
+            ("list.json", b"[1, 2]"),
+            ("list.jpg", _jpeg()),
+            ("flag.json", b'{"label": true}'),
+            ("flag.jpg", _jpeg()),
+            ("text.json", b'{"label": "3"}'),
+            ("text.jpg", _jpeg()),
+            ("a/001.cls", b"0"),
+            ("a/001.jpg", _jpeg()),
+            ("b/001.cls", b"1"),
+            ("b/001.jpg", _jpeg()),
+        ],
+    )
+    rows = {r["key"]: r for r in _rows_of(path)}
+    assert all(rows[k]["error"].startswith("unreadable label") for k in ("huge", "list", "flag", "text"))
+    assert rows["a/001"]["label"] == 0 and rows["b/001"]["label"] == 1  # two samples, not one merged
+
+
+def test_tiny_images_are_kept(tmp_path):
+    (tmp_path / "src" / "dot").mkdir(parents=True)
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "src" / "dot" / "tiny.jpg", format="JPEG")
+    manifest = prepare(str(tmp_path / "src"), str(tmp_path / "out"), workers=1)
+    assert manifest["splits"]["train"]["samples"] == 1 and manifest["skipped"] == []
