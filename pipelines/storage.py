@@ -128,6 +128,9 @@ def write_bytes(uri: str, data: bytes, metadata: dict[str, str] | None = None) -
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(f.name, 0o666 & ~umask)  # as an ordinary open() would create it, not mkstemp's 0600
         os.replace(f.name, path)
         return
     try:
