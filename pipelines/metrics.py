@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from pipelines import storage
 
-COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s")
+COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s", "workers")
 
 
 def load_history(run_uri: str) -> list[dict]:

@@ -51,6 +51,7 @@ class TrainConfig:
     drop_path: float = 0.1
     clip_grad: float = 0.0  # 0: no clipping
     num_workers: int | str = 2  # or "MIN-MAX": an elastic worker group
+    cpus_per_worker: float = 1.0
     init: str = ""  # fine-tune from these weights (safetensors or a timm/official .pth), any URI
     use_gpu: bool = False
     compile: bool = False
@@ -176,6 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_loss": loss_sum.item() / max(batches, 1),
             "images_per_s": seen * world / max(train_seconds, 1e-9),
             "epoch_s": train_seconds,
+            "workers": world,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             last_eval = evaluate(model, val_shard, manifest_classes, cfg.batch_size, device)
@@ -293,7 +295,9 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling(cfg.num_workers), use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling(cfg.num_workers), use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=path,

@@ -74,6 +74,7 @@ def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_imag
     head node the session started (token authentication on, as ``ray start`` leaves it)."""
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     data = "s3://job-test/data"
@@ -103,7 +104,11 @@ def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_imag
         "--epochs",
         "1",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for _ in range(12):  # a head node just started may not have its job agent yet: "try again later"
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            break
+        time.sleep(5)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout and "final metrics" in out.stdout
     history = json.loads(storage.read_bytes("s3://job-test/runs/submitted/metrics.json"))
