@@ -17,6 +17,7 @@ from pipelines.shards import prepare
 from pipelines.train import TrainConfig, fit
 
 BUCKET = "s3://crossvit-demo"
+SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
 
 
 def _step(title: str) -> None:
@@ -62,15 +63,8 @@ def _ingest(data_uri: str, image_size: int) -> None:
     _step("2. Ray Data streams the shards: decode + augment on CPUs, uint8 batches to the consumer")
     counter = ingest.bad_sample_counter()
     ds = ingest.read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
-    model = create_model(
-        img_size=image_size,
-        img_scale=(1.0, 1.0),
-        patch_size=(12, 16),
-        embed_dim=(32, 64),
-        depth=((1, 2, 0), (1, 2, 0)),
-        num_heads=(2, 2),
-        num_classes=10,
-    ).eval()
+    sample = TrainConfig.from_yaml(SAMPLE_CONFIG)  # the same small model the training step uses
+    model = create_model(sample.model, num_classes=10, **{**sample.model_overrides, "img_size": image_size}).eval()
     n, t = 0, time.monotonic()
     for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
         x, y = ingest.to_model_input(
@@ -99,8 +93,7 @@ def _ingest(data_uri: str, image_size: int) -> None:
 
 def _train(data_uri: str, epochs: int) -> None:
     _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
-    config = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
-    cfg = TrainConfig.from_yaml(config, data=data_uri, storage=f"{BUCKET}/runs", name="sample", epochs=epochs)
+    cfg = TrainConfig.from_yaml(SAMPLE_CONFIG, data=data_uri, storage=f"{BUCKET}/runs", name="sample", epochs=epochs)
     t = time.monotonic()
     result = fit(cfg)
     if result.error:
