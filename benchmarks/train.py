@@ -1,14 +1,18 @@
 """Is the input pipeline the bottleneck? Train-step images/s of the full pipeline (S3 shards -> Ray Data ->
 Ray Train) against the same model, batch and workers fed synthetic in-memory uint8 batches, in one run.
 
-    python -m benchmarks.train --epochs 4
+    python -m benchmarks.train --epochs 4                    # the sample recipe's tiny 48 px model
+    python -m benchmarks.train --epochs 3 --images-per-class 30 model=crossvit_tiny_240 "model_overrides={}" \
+        batch_size=16                                          # a published model at 240 px
 
-Prints the median images/s over the epochs after the first of each, and the ratio pipeline/synthetic.
+KEY=VALUE pairs override TrainConfig fields as in jobs.train. Prints the median images/s over the epochs
+after the first of each, and the ratio pipeline/synthetic.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -17,6 +21,8 @@ import tempfile
 import numpy as np
 import ray
 
+import crossvit
+from jobs.train import parse_overrides
 from pipelines import storage
 from pipelines.local_s3 import local_s3
 from pipelines.sample_data import SampleSpec, write_sample_dataset
@@ -34,15 +40,20 @@ def main() -> None:
     p.add_argument("--config", default="jobs/configs/sample.yaml")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--images-per-class", type=int, default=200)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, local_s3():
         write_sample_dataset(f"{tmp}/img", SampleSpec(10, args.images_per_class, 20))
         data = "s3://bench/data"
         prepare(f"{tmp}/img", data, shard_size_mb=1)
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cfg = TrainConfig.from_yaml(args.config, data=data, storage="s3://bench/runs", epochs=args.epochs)
-        size = cfg.model_overrides.get("img_size", 240)
+        cfg = TrainConfig.from_yaml(
+            args.config, **parse_overrides(args.overrides), data=data, storage="s3://bench/runs", epochs=args.epochs
+        )
+        size = dataclasses.replace(
+            crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides
+        ).img_size
         n = load_manifest(data)["splits"]["train"]["samples"]
         rng = np.random.default_rng(0)
         synthetic = {

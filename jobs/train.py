@@ -2,9 +2,11 @@
 
     ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/sample.yaml --data s3://...
     python -m jobs.train --config jobs/configs/crossvit_small_240.yaml --data s3://bucket/datasets/imagenet \\
-        --storage s3://bucket/runs --num-workers 16 --use-gpu
+        --storage s3://bucket/runs --name small-1 --num-workers 16 --use-gpu batch_size=256 compile=true
 
-Work in progress (issue 4): see pipelines/train.py for what is done.
+Any TrainConfig field can be overridden as KEY=VALUE after the flags (values are read as YAML: 5e-4, true,
+[0.5, 1.0]). Starting a run again under the same --name resumes it from its latest checkpoint; a finished
+run does nothing. --num-workers MIN-MAX makes the worker group elastic.
 """
 
 from __future__ import annotations
@@ -12,7 +14,20 @@ from __future__ import annotations
 import argparse
 import logging
 
+import yaml
+
 from pipelines.train import TrainConfig, fit
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["lr=1e-3", "crop_scale=[0.5, 1.0]"] -> {"lr": 0.001, "crop_scale": [0.5, 1.0]}"""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"override {pair!r} is not KEY=VALUE")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,15 +35,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="a YAML file of TrainConfig fields")
     p.add_argument("--data", help="the prepared data set (URI)")
     p.add_argument("--storage", help="where runs go (URI)")
-    p.add_argument("--name")
+    p.add_argument("--name", help="the run's name: its folder under --storage")
     p.add_argument("--epochs", type=int)
     p.add_argument("--num-workers", help="N, or MIN-MAX for an elastic worker group")
-    p.add_argument("--init", help="fine-tune from these weights (safetensors or a timm/official .pth), any URI")
+    p.add_argument("--init", help="fine-tune from these weights (safetensors, timm/official .pth, checkpoint folder)")
     p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any other TrainConfig field")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    result = fit(TrainConfig.from_yaml(args.config, **overrides))
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
+    try:
+        cfg = TrainConfig.from_yaml(args.config, **{**parse_overrides(args.overrides), **flags})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bad configuration: {e}") from None
+    result = fit(cfg)
     if result is not None:
         print(f"final metrics: {result.metrics}\nlatest checkpoint: {result.checkpoint}")
 

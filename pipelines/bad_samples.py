@@ -42,11 +42,13 @@ class BadSampleCounter:
 def bad_sample_counter(max_fraction: float = 0.01, min_samples: int = 100):
     """A counter shared by every decode task of a dataset; ask it ``counts`` after (or during) an epoch.
 
-    It lives on the node of the process that creates it (the driver's), so losing a worker node (a spot
-    preemption) does not take it away."""
+    It is pinned (hard node affinity, as Ray Train pins its own dataset manager) to the node of the process
+    that creates it, the driver's, so losing a worker node (a spot preemption) does not take it away. With
+    a soft affinity Ray may place it on any node, and the node-loss tests saw it go down with a worker
+    node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return BadSampleCounter.options(name=f"bad-samples-{uuid.uuid4().hex[:12]}", scheduling_strategy=here).remote(
         max_fraction, min_samples
     )

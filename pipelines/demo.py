@@ -29,7 +29,9 @@ def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, i
         print(f"S3-compatible endpoint on {endpoint} (moto server); AWS_ENDPOINT_URL points at it")
         # Training workers hold one CPU each and the data tasks need CPUs beside them: on a small machine,
         # offer Ray more logical CPUs than there are cores.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+        # Ray Data announces every epoch's execution plan at INFO: the demo keeps its own lines readable.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             data_uri = _prepare(workdir, classes, train_per_class, val_per_class)

@@ -13,7 +13,19 @@ from PIL import Image, ImageDraw
 
 from pipelines import storage
 
-COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s", "workers")
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "images_per_s",
+    "epoch_s",
+    "workers",  # the worker group's size in this epoch (elastic runs resize)
+    "step",  # optimizer steps since the start of the run
+    "resumed",  # this epoch started the run again from a checkpoint (after a failure, a resize or a restart)
+)
 
 
 def load_history(run_uri: str) -> list[dict]:

@@ -29,12 +29,18 @@ class SampleSpec:
     seed: int = 0
 
 
+def _shape_and_colour(label: int) -> tuple[str, str]:
+    """Class i = (shape i mod 5, colour i mod 4): 20 distinct pairs (5 and 4 are coprime); the first four
+    classes differ in colour and shape, so a small data set is learnt in a few epochs, and telling more
+    classes apart takes the shape too."""
+    return SHAPES[label % len(SHAPES)], list(COLOURS)[label % len(COLOURS)]
+
+
 def class_names(num_classes: int) -> list[str]:
-    """Human-readable names, class i = (shape i mod 5, colour i div 5)."""
+    """Human-readable names: "red circle", "green square", ..."""
     if num_classes > len(SHAPES) * len(COLOURS):
         raise ValueError(f"the sample data set has at most {len(SHAPES) * len(COLOURS)} classes")
-    colours = list(COLOURS)
-    return [f"{colours[i // len(SHAPES)]} {SHAPES[i % len(SHAPES)]}" for i in range(num_classes)]
+    return [" ".join(reversed(_shape_and_colour(i))) for i in range(num_classes)]
 
 
 def _polygon(cx: float, cy: float, r: float, sides: int, angle: float) -> list[tuple[float, float]]:
@@ -46,8 +52,8 @@ def _polygon(cx: float, cy: float, r: float, sides: int, angle: float) -> list[t
 
 def draw_sample(label: int, num_classes: int, width: int, height: int, rng: np.random.Generator) -> Image.Image:
     """One image of class ``label``."""
-    shape = SHAPES[label % len(SHAPES)]
-    colour = np.array(list(COLOURS.values())[label // len(SHAPES)])
+    shape, colour_name = _shape_and_colour(label)
+    colour = np.array(COLOURS[colour_name])
     background = rng.integers(60, 200, size=3)
     pixels = np.clip(background + rng.normal(0, 18, size=(height, width, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)

@@ -1,16 +1,25 @@
 """Distributed CrossViT training with Ray Train: the config, the per-worker loop, and the launcher.
 
-Work in progress (issue 4): what is here trains with DDP (gloo on CPU, nccl on GPU) from the Ray Data
-ingest, evaluates exactly across workers, and checkpoints every epoch (safetensors weights plus the
-optimizer and schedule state, read back with ``torch.load(weights_only=True)``) to the run's storage,
-resuming from the latest checkpoint. Elastic worker groups, the failure tests, ``ray job submit`` and the
-benchmark are not done yet.
+One ``TrainConfig`` per run. ``fit`` builds the Ray Data ingest (pipelines/ingest.py) and a TorchTrainer
+whose workers run ``train_loop_per_worker``: DDP (nccl on GPUs, gloo on CPUs), normalisation and
+Mixup/CutMix on the device, bf16 autocast and fused AdamW on GPUs, the learning rate stepped per iteration,
+an exact evaluation over the whole validation split, and a checkpoint every epoch in the run's storage.
+
+Failures: a lost worker or node restarts the group from the latest checkpoint (FailureConfig); a run
+started again under the same name resumes from its latest checkpoint; a finished one does nothing.
+
+Elastic runs (``num_workers: "MIN-MAX"``) start with what is available and resize, always by restarting
+the group from the latest checkpoint. The optimisation stays consistent across resizes by following the
+recipe's linear scaling rule: the global batch is ``batch_size x workers``, the peak learning rate is
+``lr x global batch / 512``, and the schedule is a function of (fractional) epochs, not of steps, so a
+resize changes the step size with the batch and nothing else (tested in tests/test_cluster.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tempfile
 import time
@@ -25,6 +34,9 @@ import crossvit
 from crossvit.weights import load_weights, save_weights
 from pipelines import storage
 from pipelines.metrics import format_epoch, load_history, plot_curves, record_epoch
+from pipelines.tracking import Trackers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,17 +60,35 @@ class TrainConfig:
     cutmix: float = 1.0
     random_erasing: float = 0.25
     rand_augment: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
     drop_path: float = 0.1
     clip_grad: float = 0.0  # 0: no clipping
     num_workers: int | str = 2  # or "MIN-MAX": an elastic worker group
-    cpus_per_worker: float = 1.0
-    init: str = ""  # fine-tune from these weights (safetensors or a timm/official .pth), any URI
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker unless resources_per_worker says otherwise
+    resources_per_worker: dict = field(default_factory=dict)  # e.g. {"CPU": 8, "GPU": 1}; empty: Ray's default
+    elastic_resize_interval_s: float = 60.0  # how often an elastic run looks for more workers
+    init: str = ""  # fine-tune from these weights: safetensors, a timm/official .pth, or a checkpoint folder
     compile: bool = False
     eval_every: int = 1
     keep_checkpoints: int = 2  # the best N by validation top-1, plus the latest
-    max_failures: int = 3
+    max_failures: int = 3  # worker or node losses survived (drained/preempted nodes are not counted)
     seed: int = 0
+    ray_train_log_level: str = "WARNING"  # Ray Train's own messages (INFO: every report and checkpoint)
+    tensorboard: bool = False  # event files in <run>/tensorboard/ (needs the tensorboard package)
+    mlflow_tracking_uri: str = ""  # log params and per-epoch metrics to this MLflow tracking URI (needs mlflow)
+
+    def __post_init__(self):
+        # YAML 1.1 reads 5e-4 as a string (it wants 5.0e-4): numbers are converted here, with a clear error.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "int") and isinstance(value, str | int | float) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value) if f.type == "float" else int(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, not {value!r}") from None
+        scaling(self.num_workers)  # "N" or "MIN-MAX", or a clear error now rather than on the cluster
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be positive, not {self.epochs} and {self.batch_size}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -93,114 +123,184 @@ def lr_at(epoch_progress: float, cfg: TrainConfig, peak: float) -> float:
 
 def scaling(num_workers: int | str) -> int | tuple[int, int]:
     """``4`` -> 4 workers; ``"2-8"`` -> an elastic group of 2 to 8 workers (Ray Train's (min, max))."""
-    if isinstance(num_workers, str) and "-" in num_workers:
-        lo, hi = (int(v) for v in num_workers.split("-"))
-        return lo, hi
-    return int(num_workers)
+    try:
+        if isinstance(num_workers, str) and "-" in num_workers:
+            lo, hi = (int(v) for v in num_workers.split("-"))
+            if 1 <= lo <= hi:
+                return lo, hi
+        elif int(num_workers) >= 1:
+            return int(num_workers)
+    except ValueError:
+        pass
+    raise ValueError(f"num_workers must be N or MIN-MAX with 1 <= MIN <= MAX, not {num_workers!r}")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What every Ray Train worker runs: loop_config = {"cfg": TrainConfig as a dict, "num_classes",
-    "train_samples"} (what the driver learnt from the manifest)."""
+    """What every Ray Train worker runs: loop_config = {"cfg": TrainConfig as a dict, "classes": the
+    manifest's class list, "train_samples"} (what the driver learnt from the manifest)."""
     import ray.train
     import ray.train.torch
 
-    from pipelines.ingest import to_model_input
-
     cfg = TrainConfig(**loop_config["cfg"])
+    _quiet_worker_logs(cfg.ray_train_log_level)
     ctx = ray.train.get_context()
-    world = ctx.get_world_size()
-    rank = ctx.get_world_rank()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    manifest_classes = loop_config["num_classes"]
+    num_classes = len(loop_config["classes"])
     steps_per_epoch = max(1, math.ceil(loop_config["train_samples"] / (cfg.batch_size * world)))
     run_uri = storage.join(cfg.storage, cfg.name)
 
     model = crossvit.create_model(
-        cfg.model, num_classes=manifest_classes, drop_path_rate=cfg.drop_path, **cfg.model_overrides
+        cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_overrides
     )
-    peak = cfg.lr * cfg.batch_size * world / 512
+    peak = cfg.lr * cfg.batch_size * world / 512  # the linear scaling rule, for this run's global batch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak, fused=device.type == "cuda")
-    start_epoch = 0
+    start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_weights(model, Path(d) / "weights.safetensors")
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch = state["epoch"] + 1
+        start_epoch, step, saved_metrics = restore(checkpoint, model, optimizer)
+        if rank == 0:
+            log.info("resuming %s after epoch %d from %s, %d workers", cfg.name, start_epoch, checkpoint.path, world)
+            record_epoch(run_uri, saved_metrics)  # in case the last attempt died between its checkpoint and this
     elif cfg.init:
-        _load_init(model, cfg.init)
-    model = ray.train.torch.prepare_model(model)
+        load_init(model, cfg.init)
+    model = ray.train.torch.prepare_model(model)  # DDP: nccl on GPUs, gloo on CPUs
     if cfg.compile:
         model = torch.compile(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    trackers = None
+    if rank == 0 and (cfg.tensorboard or cfg.mlflow_tracking_uri):
+        trackers = Trackers(run_uri, cfg.name, loop_config, cfg.tensorboard, cfg.mlflow_tracking_uri)
 
     last_eval = {"val_loss": float("nan"), "val_top1": 0.0, "val_top5": 0.0, "val_samples": 0}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.epochs):
         # The RNG state is a function of (seed, rank, epoch): a resumed run draws what the uninterrupted one
-        # would have (drop-path, erasing, Mixup/CutMix), and ranks differ from each other.
+        # would have (drop-path, erasing, Mixup/CutMix), and ranks differ from each other. So checkpoints
+        # need no RNG state: re-deriving it restores exactly what a saved one would.
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
-        model.train()
-        t0, seen, loss_sum, batches = time.monotonic(), 0, torch.zeros((), device=device), 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size
-        ):
-            x, y = to_model_input(
-                batch["image"],
-                batch["label"],
-                num_classes=manifest_classes,
-                train=True,
-                random_erasing=cfg.random_erasing,
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                channels_last=device.type == "cuda",
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch + min(batches / steps_per_epoch, 1.0), cfg, peak)
-            with autocast:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            seen += len(y)
-            loss_sum += loss.detach()  # no host sync per step
-            batches += 1
+        t0 = time.monotonic()
+        train_loss, seen, batches = train_one_epoch(
+            model, optimizer, train_shard, cfg, num_classes, device, schedule=(epoch, steps_per_epoch, peak)
+        )
         train_seconds = time.monotonic() - t0
+        step += batches
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            last_eval = evaluate(model, val_shard, num_classes, cfg.batch_size, device)
         metrics = {
             "epoch": epoch,
+            "step": step,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / max(batches, 1),
-            "images_per_s": seen * world / max(train_seconds, 1e-9),
-            "epoch_s": train_seconds,
+            "train_loss": train_loss,
+            "images_per_s": seen * world / max(train_seconds, 1e-9),  # training throughput, all workers
+            "epoch_s": time.monotonic() - t0,  # training and evaluation
             "workers": world,
+            "resumed": checkpoint is not None and epoch == start_epoch,  # the first epoch after a (re)start
+            **last_eval,  # between evaluations the last one stands (checkpoints are ranked by it)
         }
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            last_eval = evaluate(model, val_shard, manifest_classes, cfg.batch_size, device)
-        metrics.update(last_eval)  # between evaluations the last one stands (checkpoints are ranked by it)
+        # The checkpoint first, then the record: metrics.json only lists epochs whose checkpoint is stored.
         with tempfile.TemporaryDirectory() as d:
+            saved = None
             if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                inner = getattr(inner, "_orig_mod", inner)
-                save_weights(inner, Path(d) / "weights.safetensors")
-                state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
-                torch.save(state, Path(d) / "state.pt")
-                (Path(d) / "config.json").write_text(json.dumps(loop_config, indent=1))
-                history = record_epoch(run_uri, metrics)
-                print(format_epoch(metrics, cfg.epochs), flush=True)
-                if epoch + 1 == cfg.epochs:
-                    storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+                save_checkpoint(Path(d), model, optimizer, loop_config, metrics)
+                saved = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=saved)
+        if rank == 0:
+            history = record_epoch(run_uri, metrics)
+            log.info(format_epoch(metrics, cfg.epochs))
+            if trackers is not None:
+                trackers.log(metrics)
+            if epoch + 1 == cfg.epochs:
+                storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history))
+    if trackers is not None:
+        trackers.close()
 
 
-def _load_init(model: nn.Module, uri: str) -> None:
-    """Fine-tuning start: foreign or registered weights, another class count or resolution allowed."""
+def _quiet_worker_logs(ray_train_level: str) -> None:
+    """Keep the driver's log to one line per epoch. Ray 2.60 logs every report at INFO under a logger named
+    by its file's path, which RunConfig's LoggingConfig does not reach; botocore announces where it found
+    its credentials (never the credentials themselves) at INFO."""
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(ray_train_level)
+    except ImportError:  # another Ray version: its own logging config applies
+        pass
+
+
+def train_one_epoch(
+    model, optimizer, shard, cfg: TrainConfig, num_classes: int, device, schedule: tuple[int, int, float]
+) -> tuple[float, int, int]:
+    """One pass over this worker's share of the training split; returns (mean loss, images, batches).
+    schedule = (epoch, steps per epoch, peak learning rate) places each step on the learning-rate curve."""
+    from pipelines.ingest import to_model_input
+
+    epoch, steps_per_epoch, peak = schedule
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    seen, batches, loss_sum = 0, 0, torch.zeros((), device=device)
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=4 * cfg.batch_size
+    ):
+        x, y = to_model_input(
+            batch["image"],
+            batch["label"],
+            num_classes=num_classes,
+            train=True,
+            random_erasing=cfg.random_erasing,
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            channels_last=device.type == "cuda",
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch + min(batches / steps_per_epoch, 1.0), cfg, peak)  # stepped per iteration
+        with autocast:
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        seen += len(y)
+        loss_sum += loss.detach()  # no host sync per step
+        batches += 1
+    return loss_sum.item() / max(batches, 1), seen, batches
+
+
+def save_checkpoint(folder: Path, model, optimizer, loop_config: dict, metrics: dict) -> None:
+    """weights.safetensors (the bare model: no DDP or compile wrapper), state.pt (optimizer, epoch, step;
+    read back with weights_only=True), config.json (the run's config and class list) and metrics.json (the
+    epoch's metrics).
+
+    The learning-rate schedule is a pure function of the epoch (``lr_at``) and bf16 autocast needs no
+    gradient scaler, so neither has state to save; nor has the RNG (see the loop)."""
+    inner = model.module if hasattr(model, "module") else model
+    inner = getattr(inner, "_orig_mod", inner)
+    save_weights(inner, folder / "weights.safetensors")
+    state = {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"], "step": metrics["step"]}
+    torch.save(state, folder / "state.pt")
+    (folder / "config.json").write_text(json.dumps(loop_config, indent=1))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+def restore(checkpoint, model: nn.Module, optimizer) -> tuple[int, int, dict]:
+    """Load a checkpoint written by ``save_checkpoint``; returns (the epoch to start at, the step, the saved
+    epoch's metrics)."""
+    with checkpoint.as_directory() as d:
+        load_weights(model, Path(d) / "weights.safetensors")
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        metrics = json.loads((Path(d) / "metrics.json").read_text())
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"] + 1, state["step"], metrics
+
+
+def load_init(model: nn.Module, uri: str) -> None:
+    """Fine-tuning start: a safetensors or .pth file, or a folder holding weights.safetensors (a checkpoint
+    of another run, a registered model version), from any URI. Another class count (a new classifier) and
+    another resolution (resampled position embeddings) are adapted; any other mismatch is an error."""
+    if not uri.endswith((".safetensors", ".pth", ".pt")):
+        uri = storage.join(uri, "weights.safetensors")
     suffix = ".safetensors" if uri.endswith(".safetensors") else ".pth"
     with tempfile.NamedTemporaryFile(suffix=suffix) as f:
         f.write(storage.read_bytes(uri))
@@ -281,14 +381,16 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
         return None
     manifest = load_manifest(cfg.data)
     model_cfg = dataclasses.replace(crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides)
-    augment = AugmentConfig(rand_augment_ops=2 if cfg.rand_augment else 0, random_erasing=cfg.random_erasing)
+    augment = AugmentConfig(
+        scale=tuple(cfg.crop_scale), rand_augment_ops=2 if cfg.rand_augment else 0, random_erasing=cfg.random_erasing
+    )
     datasets = datasets or {
         "train": read_split(cfg.data, "train", image_size=model_cfg.img_size, train=True, augment=augment),
         "val": read_split(cfg.data, "val", image_size=model_cfg.img_size, train=False),
     }
     loop_config = {
         "cfg": asdict(cfg),
-        "num_classes": len(manifest["classes"]),
+        "classes": manifest["classes"],  # [{index, wnid, name}]: saved with every checkpoint
         "train_samples": manifest["splits"]["train"]["samples"],
     }
     fs, path = storage.filesystem(cfg.storage)
@@ -296,7 +398,10 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling(cfg.num_workers), use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=scaling(cfg.num_workers),
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=cfg.resources_per_worker or None,
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -307,6 +412,7 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1", checkpoint_score_order="max"
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.ray_train_log_level),
         ),
         datasets=datasets,
         dataset_config=_exact_val_data_config(),

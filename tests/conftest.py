@@ -1,8 +1,12 @@
 """Shared test fixtures: tiny model configurations, the loopback S3 endpoint, the session's Ray cluster."""
 
+import contextlib
+import json
 import os
+import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +14,16 @@ import torch
 
 from crossvit import CrossViTConfig
 
-# `ray start --head` (Ray 2.60) turns on token authentication, and Ray reads the client's mode when it is
-# first imported: set it before anything imports ray.
+# Ray 2.60 authenticates with a token: `ray start --head` turns it on when RAY_AUTH_MODE=token (or when
+# ~/.ray/auth_token exists, which the first local `ray.init()` writes), and every client (this process,
+# `ray job submit`, the cluster's own processes) must present the same token. The session uses its own
+# token in the environment, which `ray start` and every child inherit, so the tests neither depend on nor
+# touch the user's ~/.ray. Ray reads the mode when it is first imported: set both before anything imports ray.
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The MLflow test logs to a local folder (file store), which MLflow 3 only allows when asked; the cluster's
+# workers inherit this from `ray start`.
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 # Two branches (patch 12 on 48 px, patch 16 on 48 px), two multi-scale blocks: every code path of the
 # published models, at a size that trains on a laptop CPU in seconds.
@@ -50,9 +61,9 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
     """One Ray cluster per test session, started the way a cluster user does (``ray start --head``) after
-    the S3 variables are set, so that its workers and submitted jobs inherit them. Ray 2.60's ``ray start``
-    turns on token authentication; clients (this process, ``ray job submit``) then need RAY_AUTH_MODE=token
-    and find the token in ~/.ray/auth_token."""
+    the S3 variables are set, so that its workers and submitted jobs inherit them. Token authentication is
+    on (see the top of this file). A node that stops answering is declared dead after about 3 s instead of
+    Ray's default 15 s, so that the node-loss tests do not wait on it."""
     import ray
 
     from pipelines.local_s3 import _free_port
@@ -60,7 +71,11 @@ def ray_cluster(s3_endpoint):
     port, dashboard_port = _free_port(), _free_port()
     ray_cli = str(Path(sys.executable).with_name("ray"))
     # Submitted jobs run `python ...` from the PATH the head node was started with: this environment's.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **FAST_NODE_FAILURE_DETECTION,
+    }
     subprocess.run(
         [
             ray_cli,
@@ -80,10 +95,89 @@ def ray_cluster(s3_endpoint):
     try:
         ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
     finally:
         ray.shutdown()
         subprocess.run([ray_cli, "stop", "--force"], check=False, capture_output=True)
+
+
+FAST_NODE_FAILURE_DETECTION = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+class RayNode:
+    """One more node of the session cluster, added as a cluster user adds a machine
+    (``ray start --address=<head> --block``): its own raylet, agents and worker processes."""
+
+    def __init__(self, cluster: dict, num_cpus: int, resources: dict):
+        self.node_id = ""
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                f"--address={cluster['address']}",
+                "--block",
+                f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources)}",
+                f"--object-store-memory={200 * 2**20}",
+                "--include-log-monitor=false",  # the head's log monitor already follows this machine's logs
+                "--disable-usage-stats",
+            ],
+            env=cluster["env"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_until_joined(self, timeout: float = 120) -> None:
+        """The node's raylet names its node ID on its command line; wait until the cluster lists it alive."""
+        import psutil
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("a Ray worker node did not join the cluster")
+            if not self.node_id:
+                for proc in psutil.Process(self.process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        ids = [a.split("=", 1)[1] for a in proc.cmdline() if a.startswith("--node_id=")]
+                        if proc.name() == "raylet" and ids:
+                            self.node_id = ids[0]
+            if self.node_id and any(n["NodeID"] == self.node_id and n["Alive"] for n in ray.nodes()):
+                return
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """The machine vanishes: every process of the node is SIGKILLed at once, nothing shuts down cleanly."""
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.process.pid)
+            for proc in [*root.children(recursive=True), root]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def add_nodes(ray_cluster):
+    """``add_nodes(n, num_cpus, resources)`` joins n more nodes to the session cluster and returns them; the
+    test's nodes are removed again when it ends. One after the other: nodes on one machine name their
+    sockets by the first free name, and two starting at once can pick the same one."""
+    added = []
+
+    def add(n: int = 1, num_cpus: int = 1, resources: dict | None = None) -> list[RayNode]:
+        for _ in range(n):
+            added.append(RayNode(ray_cluster, num_cpus, resources or {}))
+            added[-1].wait_until_joined()
+        return added[-n:]
+
+    yield add
+    for node in added:
+        node.kill()
 
 
 @pytest.fixture(scope="session")

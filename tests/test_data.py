@@ -89,7 +89,7 @@ def prepared(s3_endpoint, sample_images):
 
 def test_prepare_writes_every_image_once_with_its_label(prepared, sample_images):
     uri, manifest = prepared
-    assert [c["name"] for c in manifest["classes"]] == ["red circle", "red square", "red triangle", "red cross"]
+    assert [c["name"] for c in manifest["classes"]] == ["red circle", "green square", "blue triangle", "yellow cross"]
     assert manifest["splits"]["train"]["samples"] == 4 * 24 and manifest["splits"]["val"]["samples"] == 4 * 6
     assert len(manifest["splits"]["train"]["shards"]) > 2
     rows = _raw_rows(uri, "train")

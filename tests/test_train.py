@@ -1,15 +1,39 @@
-"""Ray Train: the recipe's pieces, and a real 2-worker DDP run on the sample data from the loopback S3."""
+"""Ray Train: the recipe's pieces, and real 2-worker DDP runs on sample data from the loopback S3 endpoint."""
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import checkpointed, when
 
 import crossvit
+from jobs.train import parse_overrides
 from pipelines import storage
+from pipelines.metrics import load_history
 from pipelines.shards import prepare
-from pipelines.train import TrainConfig, fit, lr_at, param_groups, scaling
+from pipelines.train import TrainConfig, fit, load_init, lr_at, param_groups, scaling
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+
+
+def _checkpoints(run_uri: str) -> list[str]:
+    """The run's checkpoint folders, oldest first (Ray Train names them by time)."""
+    files = storage.list_files(run_uri, suffix="weights.safetensors")
+    return sorted(f.rsplit("/", 1)[0] for f in files)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The recipe's pieces
+# ------------------------------------------------------------------------------------------------------
 
 
 def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
@@ -32,127 +56,221 @@ def test_learning_rate_warms_up_then_follows_a_cosine_per_iteration():
 
 def test_worker_counts_are_fixed_or_an_elastic_range():
     assert scaling(4) == 4 and scaling("4") == 4 and scaling("2-8") == (2, 8)
+    for bad in ("8-2", "0", "two", "1-x"):
+        with pytest.raises(ValueError, match="num_workers must be N or MIN-MAX"):
+            TrainConfig(num_workers=bad)
 
 
-def test_config_loads_from_yaml_with_overrides(tmp_path):
-    cfg = TrainConfig.from_yaml("jobs/configs/sample.yaml", data="s3://x/y", epochs=2, name=None)
+def test_config_loads_from_yaml_with_flags_and_key_value_overrides(tmp_path):
+    overrides = parse_overrides(["lr=1e-3", "crop_scale=[0.5, 1.0]", "compile=true", "resources-per-worker={CPU: 4}"])
+    cfg = TrainConfig.from_yaml("jobs/configs/sample.yaml", data="s3://x/y", epochs=2, name=None, **overrides)
     assert cfg.data == "s3://x/y" and cfg.epochs == 2 and cfg.model_overrides["embed_dim"] == [32, 64]
+    assert cfg.lr == 1e-3 and cfg.crop_scale == [0.5, 1.0] and cfg.compile is True
+    assert cfg.resources_per_worker == {"CPU": 4}
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        parse_overrides(["lr"])
 
 
-def test_two_worker_ddp_run_evaluates_exactly_checkpoints_to_s3_and_resumes(ray_cluster, sample_images):
+def test_the_papers_recipes_are_configured_as_published():
+    for name in ("crossvit_small_240", "crossvit_15_dagger_240"):
+        cfg = TrainConfig.from_yaml(f"jobs/configs/{name}.yaml")
+        assert cfg.model == name and cfg.epochs == 300 and cfg.lr == 5e-4 and cfg.weight_decay == 0.05
+        assert (cfg.warmup_lr, cfg.min_lr, cfg.label_smoothing, cfg.drop_path) == (1e-6, 1e-5, 0.1, 0.1)
+        assert (cfg.mixup, cfg.cutmix, cfg.random_erasing, cfg.rand_augment) == (0.8, 1.0, 0.25, True)
+
+
+def test_fine_tuning_weights_of_another_class_count_and_resolution_are_adapted(s3_endpoint, tiny_cfg):
+    """--init: the classifier of another class count is replaced, position embeddings of another resolution
+    are resampled, everything else is loaded as it is; from a file or a checkpoint folder in S3."""
+    import dataclasses
+
+    source = crossvit.CrossViT(dataclasses.replace(tiny_cfg, img_size=96, num_classes=10))
+    storage.ensure_bucket("s3://init-test")
+    with __import__("tempfile").TemporaryDirectory() as d:
+        crossvit.save_weights(source, f"{d}/w.safetensors")
+        storage.upload_file(f"{d}/w.safetensors", "s3://init-test/ckpt/weights.safetensors")
+    for uri in ("s3://init-test/ckpt/weights.safetensors", "s3://init-test/ckpt"):
+        target = crossvit.CrossViT(dataclasses.replace(tiny_cfg, num_classes=4))
+        fresh_head = target.head[0].weight.clone()
+        load_init(target, uri)
+        assert torch.equal(target.blocks[0].fusion[0].attn.wq.weight, source.blocks[0].fusion[0].attn.wq.weight)
+        assert torch.equal(target.head[0].weight, fresh_head)  # 4 classes: a new classifier
+        assert target.pos_embed_0.shape == (1, 1 + 16, 32) != source.pos_embed_0.shape  # resampled to 48 px
+    with pytest.raises(FileNotFoundError):
+        load_init(target, "s3://init-test/nothing-here")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Real training runs
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learnable_data(ray_cluster, tmp_path_factory) -> str:
+    """4 classes of the sample data set, 60 training and 10 validation images each, in S3."""
+    from pipelines.sample_data import SampleSpec, write_sample_dataset
+
+    images = write_sample_dataset(tmp_path_factory.mktemp("learnable"), SampleSpec(4, 60, 10, 64, 48, seed=5))
     data = "s3://train-test/data"
-    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    prepare(str(images), data, shard_size_mb=0.05, workers=2)
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(learnable_data):
+    """A 2-worker DDP run of the sample recipe, 5 epochs."""
     cfg = TrainConfig.from_yaml(
-        "jobs/configs/sample.yaml", data=data, storage="s3://train-test/runs", name="resume", epochs=2, batch_size=8
-    )
-    result = fit(cfg)
-    assert result.error is None
-    assert result.metrics["epoch"] == 1 and result.metrics["val_samples"] == 24  # all val images, once
-    files = storage.list_files("s3://train-test/runs/resume")
-    checkpoints = sorted({f.rsplit("/", 2)[-2] for f in files if f.endswith("weights.safetensors")})
-    assert len(checkpoints) == 2
-    latest = f"s3://train-test/runs/resume/{checkpoints[-1]}"
-    saved = json.loads(storage.read_bytes(f"{latest}/config.json"))
-    assert saved["cfg"]["name"] == "resume" and saved["num_classes"] == 4
-    # Started again with the same name and more epochs: it resumes from the latest checkpoint.
-    resumed = fit(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
-    assert resumed.error is None and resumed.metrics["epoch"] == 2
-    assert torch.isfinite(torch.tensor(resumed.metrics["train_loss"]))
-    history = json.loads(storage.read_bytes("s3://train-test/runs/resume/metrics.json"))
-    assert [m["epoch"] for m in history] == [0, 1, 2]  # every epoch once, across the restart
+        "jobs/configs/sample.yaml", data=learnable_data, storage="s3://train-test/runs", name="ddp", epochs=5,
+        batch_size=8,
+    )  # fmt: skip
+    return cfg, fit(cfg)
+
+
+def test_ddp_training_learns_evaluates_exactly_and_checkpoints_to_s3(trained):
+    cfg, result = trained
+    run = f"{cfg.storage}/{cfg.name}"
+    assert result.error is None and result.metrics["epoch"] == cfg.epochs - 1
+    assert result.metrics["val_samples"] == 40  # every validation image once, over both workers
+    assert result.metrics["val_top1"] >= 60, result.metrics  # chance is 25 %
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == list(range(cfg.epochs))
+    assert all(m["workers"] == 2 and not m["resumed"] for m in history)
     assert set(history[0]) >= {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s"}
-    assert storage.read_bytes("s3://train-test/runs/resume/metrics.csv").startswith(b"epoch,lr,train_loss")
-    assert storage.read_bytes("s3://train-test/runs/resume/curves.png")[:4] == b"\x89PNG"
-    assert fit(TrainConfig(**{**cfg.__dict__, "epochs": 3})) is None  # a finished run: nothing to do
+    assert storage.read_bytes(f"{run}/metrics.csv").startswith(b"epoch,lr,train_loss")
+    assert storage.read_bytes(f"{run}/curves.png")[:4] == b"\x89PNG"
+    # The best keep_checkpoints (2) by validation top-1, plus the latest; each one complete.
+    checkpoints = _checkpoints(run)
+    assert 2 <= len(checkpoints) <= 3 and str(result.checkpoint.path) in checkpoints[-1]
+    latest = checkpoints[-1]
+    saved = json.loads(storage.read_bytes(f"{latest}/config.json"))
+    assert saved["cfg"]["name"] == "ddp" and [c["name"] for c in saved["classes"]][:2] == ["red circle", "green square"]
+    with __import__("tempfile").NamedTemporaryFile() as f:
+        f.write(storage.read_bytes(f"{latest}/state.pt"))
+        f.flush()
+        state = torch.load(f.name, weights_only=True)  # nothing from storage is unpickled
+    assert state["epoch"] == cfg.epochs - 1 and state["step"] == history[-1]["step"] and "optimizer" in state
 
 
-def test_the_job_runs_under_the_real_ray_job_submit_cli(ray_cluster, sample_images, tmp_path):
-    """As a cluster user would: ``ray job submit --working-dir . -- python -m jobs.train ...`` against the
-    head node the session started (token authentication on, as ``ray start`` leaves it)."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+def test_a_run_started_again_resumes_and_a_finished_run_does_nothing(trained):
+    cfg, _ = trained
+    run = f"{cfg.storage}/{cfg.name}"
+    longer = TrainConfig(**{**cfg.__dict__, "epochs": cfg.epochs + 1})
+    resumed = fit(longer)
+    assert resumed.error is None and resumed.metrics["epoch"] == cfg.epochs
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == list(range(cfg.epochs + 1))  # every epoch once, across the restart
+    assert history[-1]["resumed"] and history[-1]["step"] > history[-2]["step"]
+    assert fit(longer) is None  # finished: nothing to do
 
-    data = "s3://job-test/data"
-    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [
-        ray_cli,
-        "job",
-        "submit",
-        "--address",
-        ray_cluster["dashboard"],
-        "--working-dir",
-        str(repo),
-        "--",
-        "python",
-        "-m",
-        "jobs.train",
-        "--config",
-        "jobs/configs/sample.yaml",
-        "--data",
-        data,
-        "--storage",
-        "s3://job-test/runs",
-        "--name",
-        "submitted",
-        "--epochs",
-        "1",
-    ]
-    for _ in range(12):  # a head node just started may not have its job agent yet: "try again later"
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in out.stdout + out.stderr:
-            break
-        time.sleep(5)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout and "final metrics" in out.stdout
-    history = json.loads(storage.read_bytes("s3://job-test/runs/submitted/metrics.json"))
-    assert [m["epoch"] for m in history] == [0]
+
+def test_fine_tuning_starts_from_the_given_weights(trained):
+    """A new run initialised from the trained run's latest checkpoint folder scores like it from its first
+    epoch (the learning rate stays near zero); from scratch it would be near chance."""
+    cfg, _ = trained
+    init = _checkpoints(f"{cfg.storage}/{cfg.name}")[-1]
+    tuned = TrainConfig(**{**cfg.__dict__, "name": "tuned", "init": init, "epochs": 1, "warmup_epochs": 1})
+    tuned.lr = tuned.warmup_lr = 1e-9
+    result = fit(tuned)
+    assert result.error is None and result.metrics["val_top1"] >= 60, result.metrics
+
+
+def test_experiment_trackers_receive_every_epoch(learnable_data, tmp_path):
+    """TensorBoard event files beside the checkpoints in S3, and an MLflow run, when the config asks."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracking = f"file://{tmp_path}/mlruns"
+    cfg = TrainConfig.from_yaml(
+        "jobs/configs/sample.yaml", data=learnable_data, storage="s3://train-test/runs", name="tracked", epochs=2,
+        batch_size=16, tensorboard=True, mlflow_tracking_uri=tracking,
+    )  # fmt: skip
+    assert fit(cfg).error is None
+    events = storage.list_files(f"{cfg.storage}/tracked/tensorboard")
+    assert len(events) == 1
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / events[0].rsplit("/", 1)[1]).write_bytes(storage.read_bytes(events[0]))
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("val_top1")] == [0, 1]
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    assert run.data.params["cfg.model"] == cfg.model
 
 
 def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster, sample_images):
     """SIGKILL one training worker while epoch 2 runs: Ray Train restarts the group from the last checkpoint
     (FailureConfig) and the run finishes with every epoch recorded once."""
-    import os
-    import signal
-    import threading
-    import time
-
     from ray.util.state import list_actors
 
     data = "s3://kill-test/data"
     prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
     cfg = TrainConfig.from_yaml(
-        "jobs/configs/sample.yaml", data=data, storage="s3://kill-test/runs", name="killed", epochs=3, batch_size=8
+        "jobs/configs/sample.yaml", data=data, storage="s3://kill-test/runs", name="killed", epochs=4, batch_size=8
     )
-    killed = []
+    run = f"{cfg.storage}/{cfg.name}"
 
-    def kill_a_worker_after_the_first_epoch():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            try:
-                done = json.loads(storage.read_bytes("s3://kill-test/runs/killed/metrics.json"))
-            except FileNotFoundError:
-                done = []
-            if done:
-                workers = [
-                    a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-                ]
-                if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(workers[-1].pid)
-            time.sleep(0.5)
+    def kill_a_worker():
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        return workers[-1].pid
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_epoch, daemon=True)
-    killer.start()
+    killer = when(lambda: checkpointed(run), kill_a_worker)
     result = fit(cfg)
     killer.join(timeout=5)
+    killed = killer.result
     assert killed, "no worker was killed"
-    assert result.error is None and result.metrics["epoch"] == 2
-    history = json.loads(storage.read_bytes("s3://kill-test/runs/killed/metrics.json"))
-    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert result.error is None and result.metrics["epoch"] == 3
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    assert any(m["resumed"] for m in history[1:])  # the new group started from a checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------
+# As a cluster user runs it: `ray job submit`, `ray job stop`, submit again
+# ------------------------------------------------------------------------------------------------------
+
+
+def _ray_job(ray_cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real CLI against the session's head (token authentication on, as `ray start` left it)."""
+    cmd = [RAY_CLI, "job", *args[:1], "--address", ray_cluster["dashboard"], *args[1:]]
+    for _ in range(12):  # a head node just started may not have its job agent yet: "try again later"
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            return out
+        time.sleep(5)
+    return out
+
+
+def test_a_submitted_job_stopped_mid_run_resumes_when_submitted_again(ray_cluster, sample_images):
+    """``ray job submit --working-dir . -- python -m jobs.train ...``; ``ray job stop`` after the first
+    checkpoint; the same command again resumes from the latest checkpoint and finishes the run."""
+    data = "s3://job-test/data"
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    run = "s3://job-test/runs/submitted"
+    train = ["python", "-m", "jobs.train", "--config", "jobs/configs/sample.yaml", "--data", data]
+    train += ["--storage", "s3://job-test/runs", "--name", "submitted", "--epochs", "4", "batch_size=8"]
+    first = f"train-{uuid.uuid4().hex[:8]}"
+    out = _ray_job(ray_cluster, "submit", "--no-wait", "--submission-id", first, "--working-dir", ".", "--", *train)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while not checkpointed(run):
+        assert time.monotonic() < deadline, _ray_job(ray_cluster, "logs", first).stdout[-3000:]
+        time.sleep(0.5)
+    stop = _ray_job(ray_cluster, "stop", first)
+    assert stop.returncode == 0 and "was stopped" in _ray_job(ray_cluster, "status", first).stdout
+    stopped_at = len(load_history(run))
+    assert stopped_at < 4
+
+    again = _ray_job(ray_cluster, "submit", "--working-dir", ".", "--", *train)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "succeeded" in again.stdout and "final metrics" in again.stdout
+    assert "resuming submitted after epoch" in again.stdout
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    assert any(m["resumed"] for m in history[1:])
+    done = _ray_job(ray_cluster, "submit", "--working-dir", ".", "--", *train)
+    assert done.returncode == 0 and "already finished its 4 epochs: nothing to do" in done.stdout

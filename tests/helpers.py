@@ -1,0 +1,33 @@
+"""Small helpers shared by the training tests (importable: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pipelines import storage
+from pipelines.metrics import load_history
+
+
+def checkpointed(run_uri: str) -> bool:
+    """An epoch is recorded and Ray Train has registered its checkpoint (its snapshot file is in storage),
+    so a failure from now on resumes from a checkpoint rather than from scratch."""
+    return bool(load_history(run_uri)) and storage.exists(f"{run_uri}/checkpoint_manager_snapshot.json")
+
+
+def when(condition, action, timeout: float = 600) -> threading.Thread:
+    """Run ``action`` in the background as soon as ``condition()`` holds; ``thread.result`` is what it
+    returned (None until then)."""
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                thread.result = action()
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.result = None
+    thread.start()
+    return thread

@@ -1,0 +1,114 @@
+"""Training on a multi-node cluster that loses a node mid-run.
+
+The session cluster gets extra nodes, each started with ``ray start --address=... --block`` as on a real
+cluster and each offering one "trainer" slot, so that every training worker lands on a node of its own and
+losing a node loses a worker. A node is lost the hard way: all of its processes are SIGKILLed at once.
+"""
+
+import json
+import math
+
+import pytest
+from helpers import checkpointed, when
+
+from pipelines import storage
+from pipelines.metrics import load_history
+from pipelines.shards import prepare
+from pipelines.train import TrainConfig, fit, lr_at
+
+pytestmark = pytest.mark.slow
+
+ONE_WORKER_PER_NODE = {"CPU": 1, "trainer": 1}
+
+
+def _worker_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def _config(data: str, name: str, **overrides) -> TrainConfig:
+    return TrainConfig.from_yaml(
+        "jobs/configs/sample.yaml",
+        data=data,
+        storage="s3://cluster-test/runs",
+        name=name,
+        batch_size=8,
+        resources_per_worker=ONE_WORKER_PER_NODE,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster_data(ray_cluster, sample_images) -> str:
+    data = "s3://cluster-test/data"
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    return data
+
+
+def test_a_fixed_size_run_survives_losing_a_node(cluster_data, add_nodes):
+    """Two workers on three nodes: the node of one worker is lost after the first checkpoint; Ray Train
+    restarts the group from that checkpoint on the nodes left and the run finishes, every epoch recorded
+    once."""
+    nodes = add_nodes(3, resources={"trainer": 1})
+    cfg = _config(cluster_data, "fixed", epochs=4, num_workers=2)
+    run = f"{cfg.storage}/{cfg.name}"
+
+    def kill_a_worker_node():
+        victim = next(n for n in nodes if n.node_id in _worker_nodes())
+        victim.kill()
+        return victim
+
+    killer = when(lambda: checkpointed(run), kill_a_worker_node)
+    result = fit(cfg)
+    killer.join(timeout=5)
+    assert killer.result is not None, "no node was removed"
+    assert result.error is None and result.metrics["epoch"] == cfg.epochs - 1
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == list(range(cfg.epochs))
+    assert all(m["workers"] == 2 for m in history)
+    assert any(m["resumed"] for m in history[1:])  # the new group started from a checkpoint, not from scratch
+
+
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data, add_nodes):
+    """num_workers "1-2" on two nodes: one node is lost, training carries on with one worker instead of
+    waiting for the node; a new node joins and the group grows back to two. Across both resizes each epoch
+    is recorded once and the learning rate follows the recipe for that epoch's global batch."""
+    nodes = add_nodes(2, resources={"trainer": 1})
+    # Epochs of this tiny data set take 1-3 s; growing back took 7-10 epochs here: 18 leave a margin.
+    cfg = _config(cluster_data, "elastic", epochs=18, num_workers="1-2", elastic_resize_interval_s=2)
+    run = f"{cfg.storage}/{cfg.name}"
+
+    def workers_seen(n: int):
+        return lambda: any(m["workers"] == n for m in load_history(run))
+
+    def kill_a_worker_node():
+        victim = next(n for n in nodes if n.node_id in _worker_nodes())
+        victim.kill()
+        return victim
+
+    killer = when(lambda: workers_seen(2)() and checkpointed(run), kill_a_worker_node)
+    shrunk = lambda: killer.result is not None and workers_seen(1)()  # noqa: E731
+    grower = when(shrunk, lambda: add_nodes(1, resources={"trainer": 1}))
+    result = fit(cfg)
+    for thread in (killer, grower):
+        thread.join(timeout=5)
+    assert killer.result is not None and grower.result is not None, "the cluster did not change as planned"
+    assert result.error is None and result.metrics["epoch"] == cfg.epochs - 1
+    history = load_history(run)
+    assert [m["epoch"] for m in history] == list(range(cfg.epochs))  # every epoch once, across the resizes
+    workers = [m["workers"] for m in history]
+    assert workers[0] == 2 and 1 in workers and workers[-1] == 2, workers  # 2, then 1 after the loss, then 2
+    resized = [i for i in range(1, len(workers)) if workers[i] != workers[i - 1]]
+    assert all(history[i]["resumed"] for i in resized)  # each resize restarted the group from a checkpoint
+
+    # Consistent optimisation: each epoch's last step used the recipe's learning rate for the global batch
+    # of that epoch (peak = lr x batch x workers / 512) at that point of the epoch-based schedule.
+    train_samples = json.loads(storage.read_bytes(f"{cluster_data}/manifest.json"))["splits"]["train"]["samples"]
+    previous_step = 0
+    for m in history:
+        steps_per_epoch = math.ceil(train_samples / (cfg.batch_size * m["workers"]))
+        batches = m["step"] - previous_step
+        peak = cfg.lr * cfg.batch_size * m["workers"] / 512
+        assert m["lr"] == pytest.approx(lr_at(m["epoch"] + (batches - 1) / steps_per_epoch, cfg, peak), rel=1e-6)
+        previous_step = m["step"]
