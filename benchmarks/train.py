@@ -12,7 +12,6 @@ after the first of each, and the ratio pipeline/synthetic.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -21,13 +20,11 @@ import tempfile
 import numpy as np
 import ray
 
-import crossvit
-from jobs.train import parse_overrides
 from pipelines import storage
 from pipelines.local_s3 import local_s3
 from pipelines.sample_data import SampleSpec, write_sample_dataset
 from pipelines.shards import load_manifest, prepare
-from pipelines.train import TrainConfig, fit
+from pipelines.train import TrainConfig, fit, parse_overrides
 
 
 def images_per_s(run_uri: str) -> float:
@@ -51,9 +48,7 @@ def main() -> None:
         cfg = TrainConfig.from_yaml(
             args.config, **parse_overrides(args.overrides), data=data, storage="s3://bench/runs", epochs=args.epochs
         )
-        size = dataclasses.replace(
-            crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides
-        ).img_size
+        size = cfg.model_config().img_size
         n = load_manifest(data)["splits"]["train"]["samples"]
         rng = np.random.default_rng(0)
         synthetic = {

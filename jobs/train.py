@@ -14,20 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-import yaml
-
-from pipelines.train import TrainConfig, fit
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """["lr=1e-3", "crop_scale=[0.5, 1.0]"] -> {"lr": 0.001, "crop_scale": [0.5, 1.0]}"""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"override {pair!r} is not KEY=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+from pipelines.train import TrainConfig, fit, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> None:

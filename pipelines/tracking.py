@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 from pipelines import storage
+from pipelines.metrics import COLUMNS
 
-SCALARS = ("lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_s", "workers")
+SCALARS = [c for c in COLUMNS if c not in ("epoch", "step", "resumed")]  # the epoch is the step
 
 
 class Trackers:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 import crossvit
@@ -90,15 +91,29 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, not {self.epochs} and {self.batch_size}")
 
+    def model_config(self) -> crossvit.CrossViTConfig:
+        """The network this run trains: the named variant with ``model_overrides`` applied."""
+        return dataclasses.replace(crossvit.VARIANTS[crossvit.model.resolve_name(self.model)], **self.model_overrides)
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        import yaml
-
         values = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Command-line KEY=VALUE pairs, values read as YAML:
+    ["lr=1e-3", "crop_scale=[0.5, 1.0]"] -> {"lr": "1e-3" (a number once in TrainConfig), "crop_scale": [0.5, 1.0]}"""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"override {pair!r} is not KEY=VALUE")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -380,13 +395,13 @@ def fit(cfg: TrainConfig, datasets: dict | None = None):
         print(f"run {cfg.name} already finished its {cfg.epochs} epochs: nothing to do")
         return None
     manifest = load_manifest(cfg.data)
-    model_cfg = dataclasses.replace(crossvit.VARIANTS[crossvit.model.resolve_name(cfg.model)], **cfg.model_overrides)
+    image_size = cfg.model_config().img_size
     augment = AugmentConfig(
         scale=tuple(cfg.crop_scale), rand_augment_ops=2 if cfg.rand_augment else 0, random_erasing=cfg.random_erasing
     )
     datasets = datasets or {
-        "train": read_split(cfg.data, "train", image_size=model_cfg.img_size, train=True, augment=augment),
-        "val": read_split(cfg.data, "val", image_size=model_cfg.img_size, train=False),
+        "train": read_split(cfg.data, "train", image_size=image_size, train=True, augment=augment),
+        "val": read_split(cfg.data, "val", image_size=image_size, train=False),
     }
     loop_config = {
         "cfg": asdict(cfg),

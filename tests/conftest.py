@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RAY_CLI
 
 from crossvit import CrossViTConfig
 
@@ -69,7 +70,6 @@ def ray_cluster(s3_endpoint):
     from pipelines.local_s3 import _free_port
 
     port, dashboard_port = _free_port(), _free_port()
-    ray_cli = str(Path(sys.executable).with_name("ray"))
     # Submitted jobs run `python ...` from the PATH the head node was started with: this environment's.
     env = {
         **os.environ,
@@ -78,7 +78,7 @@ def ray_cluster(s3_endpoint):
     }
     subprocess.run(
         [
-            ray_cli,
+            RAY_CLI,
             "start",
             "--head",
             f"--port={port}",
@@ -98,7 +98,7 @@ def ray_cluster(s3_endpoint):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
     finally:
         ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], check=False, capture_output=True)
+        subprocess.run([RAY_CLI, "stop", "--force"], check=False, capture_output=True)
 
 
 FAST_NODE_FAILURE_DETECTION = {
@@ -116,7 +116,7 @@ class RayNode:
         self.node_id = ""
         self.process = subprocess.Popen(
             [
-                str(Path(sys.executable).with_name("ray")),
+                RAY_CLI,
                 "start",
                 f"--address={cluster['address']}",
                 "--block",

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 from pipelines import storage
 from pipelines.metrics import load_history
+
+RAY_CLI = str(Path(sys.executable).with_name("ray"))  # this environment's, as a cluster user runs it
+
+
+def train_workers() -> list:
+    """The live Ray Train worker actors of the cluster (their pid and node_id)."""
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
 def checkpointed(run_uri: str) -> bool:

@@ -5,15 +5,13 @@ cluster and each offering one "trainer" slot, so that every training worker land
 losing a node loses a worker. A node is lost the hard way: all of its processes are SIGKILLed at once.
 """
 
-import json
 import math
 
 import pytest
-from helpers import checkpointed, when
+from helpers import checkpointed, train_workers, when
 
-from pipelines import storage
 from pipelines.metrics import load_history
-from pipelines.shards import prepare
+from pipelines.shards import load_manifest, prepare
 from pipelines.train import TrainConfig, fit, lr_at
 
 pytestmark = pytest.mark.slow
@@ -21,10 +19,12 @@ pytestmark = pytest.mark.slow
 ONE_WORKER_PER_NODE = {"CPU": 1, "trainer": 1}
 
 
-def _worker_nodes() -> set[str]:
-    from ray.util.state import list_actors
-
-    return {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+def _kill_a_worker_node(nodes: list) -> object:
+    """Lose one of ``nodes`` that hosts a training worker."""
+    busy = {a.node_id for a in train_workers()}
+    victim = next(n for n in nodes if n.node_id in busy)
+    victim.kill()
+    return victim
 
 
 def _config(data: str, name: str, **overrides) -> TrainConfig:
@@ -54,12 +54,7 @@ def test_a_fixed_size_run_survives_losing_a_node(cluster_data, add_nodes):
     cfg = _config(cluster_data, "fixed", epochs=4, num_workers=2)
     run = f"{cfg.storage}/{cfg.name}"
 
-    def kill_a_worker_node():
-        victim = next(n for n in nodes if n.node_id in _worker_nodes())
-        victim.kill()
-        return victim
-
-    killer = when(lambda: checkpointed(run), kill_a_worker_node)
+    killer = when(lambda: checkpointed(run), lambda: _kill_a_worker_node(nodes))
     result = fit(cfg)
     killer.join(timeout=5)
     assert killer.result is not None, "no node was removed"
@@ -82,12 +77,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data,
     def workers_seen(n: int):
         return lambda: any(m["workers"] == n for m in load_history(run))
 
-    def kill_a_worker_node():
-        victim = next(n for n in nodes if n.node_id in _worker_nodes())
-        victim.kill()
-        return victim
-
-    killer = when(lambda: workers_seen(2)() and checkpointed(run), kill_a_worker_node)
+    killer = when(lambda: workers_seen(2)() and checkpointed(run), lambda: _kill_a_worker_node(nodes))
     shrunk = lambda: killer.result is not None and workers_seen(1)()  # noqa: E731
     grower = when(shrunk, lambda: add_nodes(1, resources={"trainer": 1}))
     result = fit(cfg)
@@ -104,7 +94,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data,
 
     # Consistent optimisation: each epoch's last step used the recipe's learning rate for the global batch
     # of that epoch (peak = lr x batch x workers / 512) at that point of the epoch-based schedule.
-    train_samples = json.loads(storage.read_bytes(f"{cluster_data}/manifest.json"))["splits"]["train"]["samples"]
+    train_samples = load_manifest(cluster_data)["splits"]["train"]["samples"]
     previous_step = 0
     for m in history:
         steps_per_epoch = math.ceil(train_samples / (cfg.batch_size * m["workers"]))

@@ -5,24 +5,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import checkpointed, when
+from helpers import RAY_CLI, checkpointed, train_workers, when
 
 import crossvit
-from jobs.train import parse_overrides
 from pipelines import storage
 from pipelines.metrics import load_history
 from pipelines.shards import prepare
-from pipelines.train import TrainConfig, fit, load_init, lr_at, param_groups, scaling
+from pipelines.train import TrainConfig, fit, load_init, lr_at, param_groups, parse_overrides, scaling
 
 REPO = Path(__file__).resolve().parent.parent
-RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def _checkpoints(run_uri: str) -> list[str]:
@@ -204,8 +201,6 @@ def test_experiment_trackers_receive_every_epoch(learnable_data, tmp_path):
 def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster, sample_images):
     """SIGKILL one training worker while epoch 2 runs: Ray Train restarts the group from the last checkpoint
     (FailureConfig) and the run finishes with every epoch recorded once."""
-    from ray.util.state import list_actors
-
     data = "s3://kill-test/data"
     prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
     cfg = TrainConfig.from_yaml(
@@ -214,7 +209,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster,
     run = f"{cfg.storage}/{cfg.name}"
 
     def kill_a_worker():
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = train_workers()
         os.kill(workers[-1].pid, signal.SIGKILL)
         return workers[-1].pid
 
