@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import random
 import statistics
 import tarfile
 import tempfile
@@ -24,7 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines.ingest import AugmentConfig, train_transform
+from pipelines.augment import AugmentConfig, sample_rng, train_transform
+from pipelines.bad_samples import bad_sample_counter
+from pipelines.cluster import connect
 from pipelines.sample_data import SampleSpec, write_sample_dataset
 from pipelines.shards import prepare
 
@@ -47,11 +48,10 @@ def jpeg_bytes(shards: Path) -> list[bytes]:
 
 def single_process_limit(data: list[bytes], size: int) -> float:
     """(a): images/s of one process decoding and augmenting, times the number of cores."""
-    rng = random.Random(0)
     aug = AugmentConfig()
     start = time.perf_counter()
-    for d in data:
-        train_transform(d, size, aug, rng)
+    for i, d in enumerate(data):
+        train_transform(d, size, aug, sample_rng(0, 0, str(i)))  # a generator per sample, as the pipeline does
     return len(data) / (time.perf_counter() - start) * os.cpu_count()
 
 
@@ -116,9 +116,8 @@ def main() -> None:
         print(
             f"{len(data)} JPEGs of {w}x{h} ({mean_kb:.0f} KB on average), {os.cpu_count()} cores, output {args.size}px"
         )
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        connect(include_dashboard=False, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        from pipelines.ingest import bad_sample_counter
 
         counter = bad_sample_counter()  # one per dataset, as in training, where each epoch re-executes it
         ray_pipeline(shards, args.size, args.batch, counter)  # warm the workers up (imports, first tasks)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 
@@ -21,6 +20,7 @@ import numpy as np
 import ray
 
 from pipelines import storage
+from pipelines.cluster import connect
 from pipelines.local_s3 import local_s3
 from pipelines.sample_data import SampleSpec, write_sample_dataset
 from pipelines.shards import load_manifest, prepare
@@ -43,7 +43,7 @@ def main() -> None:
         write_sample_dataset(f"{tmp}/img", SampleSpec(10, args.images_per_class, 20))
         data = "s3://bench/data"
         prepare(f"{tmp}/img", data, shard_size_mb=1)
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level="WARNING")
+        connect(logging_level="WARNING")  # the machine's own CPUs, planned by fit
         ray.data.DataContext.get_current().enable_progress_bars = False
         cfg = TrainConfig.from_yaml(
             args.config, **parse_overrides(args.overrides), data=data, storage="s3://bench/runs", epochs=args.epochs

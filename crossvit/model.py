@@ -68,8 +68,8 @@ class CrossViTConfig:
             if dim % heads:
                 raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
         for sizes, patch in zip(self.branch_img_sizes, self.patch_size):
-            if sizes % patch:
-                raise ValueError(f"branch image size {sizes} is not a multiple of patch size {patch}")
+            if sizes < patch or sizes % patch:
+                raise ValueError(f"branch image size {sizes} is not a positive multiple of patch size {patch}")
 
     @property
     def num_branches(self) -> int:

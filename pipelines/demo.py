@@ -11,6 +11,9 @@ import torch
 
 from crossvit import create_model
 from pipelines import ingest
+from pipelines.bad_samples import bad_sample_counter
+from pipelines.cluster import connect
+from pipelines.device import to_model_input
 from pipelines.local_s3 import local_s3
 from pipelines.sample_data import SampleSpec, write_sample_dataset
 from pipelines.shards import prepare
@@ -27,16 +30,16 @@ def _step(title: str) -> None:
 def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, image_size: int, epochs: int) -> None:
     with local_s3() as endpoint:
         print(f"S3-compatible endpoint on {endpoint} (moto server); AWS_ENDPOINT_URL points at it")
-        # Training workers hold one CPU each and the data tasks need CPUs beside them: on a small machine,
-        # offer Ray more logical CPUs than there are cores.
+        # The machine's own CPUs, as a user's `ray start` or `ray.init()` gives them: training plans them
+        # between its workers and the data pipeline (pipelines/cluster.py).
         # Ray Data announces every epoch's execution plan at INFO: the demo keeps its own lines readable.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level="WARNING")
+        connect(logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             data_uri = _prepare(workdir, classes, train_per_class, val_per_class)
-            _ingest(data_uri, image_size)
-            _train(data_uri, epochs)
+            _ingest(data_uri, image_size, classes)
+            _train(data_uri, epochs, image_size, classes)
         finally:
             ray.shutdown()
 
@@ -61,18 +64,26 @@ def _prepare(workdir: Path, classes: int, train_per_class: int, val_per_class: i
     return data_uri
 
 
-def _ingest(data_uri: str, image_size: int) -> None:
+def sample_config(image_size: int, **fields) -> TrainConfig:
+    """jobs/configs/sample.yaml (the small model the demo trains) at the demo's image size."""
+    cfg = TrainConfig.from_yaml(SAMPLE_CONFIG, **fields)
+    cfg.model_overrides = {**cfg.model_overrides, "img_size": image_size}
+    cfg.model_config()  # a size the model cannot take is an error now, not in the middle of the demo
+    return cfg
+
+
+def _ingest(data_uri: str, image_size: int, classes: int) -> None:
     _step("2. Ray Data streams the shards: decode + augment on CPUs, uint8 batches to the consumer")
-    counter = ingest.bad_sample_counter()
+    counter = bad_sample_counter()
     ds = ingest.read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
-    sample = TrainConfig.from_yaml(SAMPLE_CONFIG)  # the same small model the training step uses
-    model = create_model(sample.model, num_classes=10, **{**sample.model_overrides, "img_size": image_size}).eval()
+    sample = sample_config(image_size)  # the same small model the training step uses
+    model = create_model(sample.model, num_classes=classes, **sample.model_overrides).eval()
     n, t = 0, time.monotonic()
     for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
-        x, y = ingest.to_model_input(
+        x, y = to_model_input(
             batch["image"],
             batch["label"],
-            num_classes=10,
+            num_classes=classes,
             train=True,
             random_erasing=0.25,
             mixup_alpha=0.8,
@@ -93,17 +104,15 @@ def _ingest(data_uri: str, image_size: int) -> None:
     )
 
 
-def _train(data_uri: str, epochs: int) -> None:
+def _train(data_uri: str, epochs: int, image_size: int, classes: int) -> None:
     _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
-    cfg = TrainConfig.from_yaml(SAMPLE_CONFIG, data=data_uri, storage=f"{BUCKET}/runs", name="sample", epochs=epochs)
+    cfg = sample_config(image_size, data=data_uri, storage=f"{BUCKET}/runs", name="sample", epochs=epochs)
     t = time.monotonic()
-    result = fit(cfg)
-    if result.error:
-        raise result.error
+    result = fit(cfg)  # raises when training fails
     m = result.metrics
     print(
         f"trained {cfg.epochs} epochs in {time.monotonic() - t:.0f} s: validation top-1 {m['val_top1']:.1f}% "
-        f"(chance {100 / 10:.0f}%), top-5 {m['val_top5']:.1f}% over {m['val_samples']} images"
+        f"(chance {100 / classes:.0f}%), top-5 {m['val_top5']:.1f}% over {m['val_samples']} images"
     )
     print(f"checkpoint: s3://{result.checkpoint.path}")
     print(f"metrics: {BUCKET}/runs/sample/metrics.json (.csv), curves: {BUCKET}/runs/sample/curves.png")

@@ -51,7 +51,8 @@ def record_epoch(run_uri: str, metrics: dict) -> list[dict]:
 def format_epoch(m: dict, epochs: int) -> str:
     """The concise line the driver prints per epoch."""
     eta = (epochs - m["epoch"] - 1) * m["epoch_s"]
-    val = f" val {m['val_loss']:.3f} top1 {m['val_top1']:5.1f} top5 {m['val_top5']:5.1f}" if "val_top1" in m else ""
+    evaluated = m.get("val_top1") is not None  # epochs between evaluations (eval_every) have none
+    val = f" val {m['val_loss']:.3f} top1 {m['val_top1']:5.1f} top5 {m['val_top5']:5.1f}" if evaluated else ""
     return (
         f"epoch {m['epoch'] + 1}/{epochs} lr {m['lr']:.2e} train {m['train_loss']:.3f}{val} "
         f"{m['images_per_s']:.0f} img/s {m['epoch_s']:.0f}s ETA {eta / 60:.1f} min"

@@ -36,10 +36,14 @@ def _shape_and_colour(label: int) -> tuple[str, str]:
     return SHAPES[label % len(SHAPES)], list(COLOURS)[label % len(COLOURS)]
 
 
+def max_classes() -> int:
+    return len(SHAPES) * len(COLOURS)
+
+
 def class_names(num_classes: int) -> list[str]:
     """Human-readable names: "red circle", "green square", ..."""
-    if num_classes > len(SHAPES) * len(COLOURS):
-        raise ValueError(f"the sample data set has at most {len(SHAPES) * len(COLOURS)} classes")
+    if num_classes > max_classes():
+        raise ValueError(f"the sample data set has at most {max_classes()} classes")
     return [" ".join(reversed(_shape_and_colour(i))) for i in range(num_classes)]
 
 

@@ -8,6 +8,13 @@ bytes; PNG and WebP are kept as ``.png`` / ``.webp``, any other format Pillow re
 losslessly) and ``<key>.json`` (wnid and the original relative path). Shards are byte-reproducible, so a
 rerun recognises finished shards by checksum and only writes what is missing. Files that are not readable
 images are reported, listed in the manifest, and never written into a shard.
+
+The data set's fingerprint is a hash of what the shards hold: every sample's path in the tree, label and
+content (sha256), never file dates, so a copy of the image tree (new modification times) is the same data
+set and a changed image is another one. A rerun must not read a whole ImageNet again to tell: each finished
+shard's record (``<dest>/_progress/``) keeps its files' size, modification time and sha256, and a file whose
+size and time are unchanged is taken at its recorded hash; only files whose size or time changed (a copy,
+an edit) are read and hashed again, and their records are updated, so the next rerun reads nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +43,7 @@ from pipelines import storage
 log = logging.getLogger(__name__)
 
 FORMAT = "crossvit-ray/webdataset-v1"
+FINGERPRINT_METHOD = "sha256 over (path, label, content sha256) of every sample"
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # written as they are; the rest become PNG
 WNID = re.compile(r"^n\d{8}$")
 
@@ -63,8 +71,13 @@ class ShardPlan:
     def name(self) -> str:
         return f"{self.split}/shard-{self.index:06d}.tar"
 
-    def fingerprint(self) -> str:
-        """Changes whenever the shard's content would: which files, their sizes, dates and labels."""
+    def fingerprint(self, hashes: list[str]) -> str:
+        """The shard's content: its files' paths, labels and content hashes (in the plan's order)."""
+        rows = [(i.relpath, i.label, h) for i, h in zip(self.items, hashes)]
+        return hashlib.sha256(json.dumps([FORMAT, rows]).encode()).hexdigest()
+
+    def legacy_fingerprint(self) -> str:
+        """What destinations written before content fingerprints recorded: paths, sizes, dates and labels."""
         rows = [(i.relpath, i.size, i.mtime_ns, i.label) for i in self.items]
         return hashlib.sha256(json.dumps([FORMAT, rows]).encode()).hexdigest()
 
@@ -77,6 +90,19 @@ class ShardResult:
     bytes: int
     sha256: str
     skipped: list[dict] = field(default_factory=list)
+    files: list[list] = field(default_factory=list)  # [relpath, size, mtime_ns, sha256] per planned file
+
+
+def file_sha256(path: Path) -> str:
+    """The content hash of a source file; "unreadable" for one that cannot be read (as write_shard records)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+def dataset_fingerprint(results: list[ShardResult]) -> str:
+    return hashlib.sha256("".join(r.fingerprint for r in results).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,15 +176,19 @@ def scan_source(source: str | Path) -> tuple[list[str], dict[str, list[Item]], l
 
 
 def class_names(root: Path, classes: list[str]) -> list[str]:
-    """Human-readable names: LOC_synset_mapping.txt if present, ImageNet-1k's from torchvision, else wnids."""
+    """Human-readable names: LOC_synset_mapping.txt if present; ImageNet-1k's (from timm, which has the wnids
+    and names, so a tree of another 1000 wnids keeps its folder names) when the class folders are exactly
+    ImageNet-1k's wnids; else the folder names."""
     mapping = root / "LOC_synset_mapping.txt"
     if mapping.is_file():
         pairs = dict(line.split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
         return [pairs.get(w, w).strip() for w in classes]
     if len(classes) == 1000 and all(WNID.match(w) for w in classes):
-        from torchvision.models._meta import _IMAGENET_CATEGORIES
+        from timm.data import ImageNetInfo
 
-        return list(_IMAGENET_CATEGORIES)  # in sorted-wnid order, the standard class index
+        info = ImageNetInfo("imagenet-1k")
+        if set(classes) == set(info.label_names()):
+            return [info.label_name_to_description(w) for w in classes]
     return list(classes)
 
 
@@ -224,14 +254,22 @@ def _init_worker(counter) -> None:
 def write_shard(plan: ShardPlan, source: str, dest: str) -> ShardResult:
     """Write one shard to a local temporary file, then move or upload it to ``dest``."""
     root = Path(source)
-    skipped = []
+    skipped, hashes = [], []
     samples = 0
     with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
         path = Path(tmp) / "shard.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for item in plan.items:
                 try:
-                    data, ext = encode_image((root / item.relpath).read_bytes())
+                    raw = (root / item.relpath).read_bytes()
+                except OSError:
+                    raw = None
+                # The content fingerprint, from this one read of the file.
+                hashes.append(hashlib.sha256(raw).hexdigest() if raw is not None else "unreadable")
+                try:
+                    if raw is None:
+                        raise OSError(f"cannot read {item.relpath}")
+                    data, ext = encode_image(raw)
                 except Exception as e:  # any unreadable file: report, skip, carry on
                     log.warning("skipping %s: %s", item.relpath, e)
                     skipped.append({"path": item.relpath, "reason": f"{type(e).__name__}: {e}"})
@@ -248,7 +286,8 @@ def write_shard(plan: ShardPlan, source: str, dest: str) -> ShardResult:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         size = path.stat().st_size
         storage.upload_file(path, storage.join(dest, plan.name), metadata={"sha256": digest})
-    return ShardResult(plan.name, plan.fingerprint(), samples, size, digest, skipped)
+    files = [[i.relpath, i.size, i.mtime_ns, h] for i, h in zip(plan.items, hashes)]
+    return ShardResult(plan.name, plan.fingerprint(hashes), samples, size, digest, skipped, files)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -260,23 +299,67 @@ def _progress_record(dest: str, name: str) -> str:
     return storage.join(dest, "_progress", name.replace("/", "-") + ".json")
 
 
-def _finished(dest: str, plan: ShardPlan) -> ShardResult | None:
-    """The result of an earlier run's shard if it is in place with the right checksum."""
-    try:
-        record = json.loads(storage.read_bytes(_progress_record(dest, plan.name)))
-    except FileNotFoundError:
-        return None
-    if record["fingerprint"] != plan.fingerprint():
-        raise DatasetError(
-            f"{dest} already holds a different data set ({plan.name} was written from other files or "
-            "parameters); choose another --dest or delete it"
-        )
-    shard_uri = storage.join(dest, plan.name)
+def _load_records(dest: str, plans: list[ShardPlan], workers: int) -> dict[str, dict]:
+    """The progress records of earlier runs (one small object per finished shard), read in parallel."""
+
+    def load(plan: ShardPlan) -> tuple[str, dict | None]:
+        try:
+            return plan.name, json.loads(storage.read_bytes(_progress_record(dest, plan.name)))
+        except FileNotFoundError:
+            return plan.name, None
+
+    with ThreadPoolExecutor(max(4, min(32, 4 * workers))) as pool:
+        return {name: r for name, r in pool.map(load, plans) if r is not None}
+
+
+def _verify(record: dict, plan: ShardPlan, root: Path, dest: str) -> ShardResult:
+    """The earlier run's result for this shard if the source still has the same content; DatasetError if not.
+
+    Files whose size and modification time match the record are taken at their recorded hash; the others
+    (a copied tree, an edited file) are read and hashed, and the record is updated with their new dates."""
+    different = DatasetError(
+        f"{dest} already holds a different data set ({plan.name} was written from other files, content or "
+        "parameters); choose another --dest or delete it"
+    )
+    files = record.get("files")
+    if files is None:  # written before content fingerprints: check the old way once, then hash
+        if record["fingerprint"] != plan.legacy_fingerprint():
+            raise different
+        hashes = [file_sha256(root / i.relpath) for i in plan.items]
+        stale = True
+    else:
+        if [f[0] for f in files] != [i.relpath for i in plan.items]:
+            raise different
+        hashes, stale = [], False
+        for item, (_, size, mtime_ns, digest) in zip(plan.items, files):
+            if (item.size, item.mtime_ns) == (size, mtime_ns):
+                hashes.append(digest)
+            else:
+                hashes.append(file_sha256(root / item.relpath))
+                stale = True
+    fingerprint = plan.fingerprint(hashes)
+    if files is not None and fingerprint != record["fingerprint"]:
+        raise different
+    result = ShardResult(
+        **{
+            **record,
+            "fingerprint": fingerprint,
+            "files": [[i.relpath, i.size, i.mtime_ns, h] for i, h in zip(plan.items, hashes)],
+        }
+    )
+    if stale:
+        storage.write_bytes(_progress_record(dest, plan.name), json.dumps(asdict(result)).encode())
+    return result
+
+
+def _in_place(dest: str, result: ShardResult) -> bool:
+    """The shard object is there with the recorded size and checksum."""
+    shard_uri = storage.join(dest, result.name)
     info = storage.head(shard_uri)
-    if info is None or info["size"] != record["bytes"]:
-        return None
+    if info is None or info["size"] != result.bytes:
+        return False
     checksum = info["metadata"].get("sha256") or hashlib.sha256(storage.read_bytes(shard_uri)).hexdigest()
-    return ShardResult(**record) if checksum == record["sha256"] else None
+    return checksum == result.sha256
 
 
 def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | None = None, seed: int = 0) -> dict:
@@ -284,20 +367,26 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
     workers = workers or os.cpu_count() or 1
     classes, splits, skipped = scan_source(source)
     plans = plan_shards(splits, shard_size_mb, seed)
-    fingerprint = hashlib.sha256("".join(p.fingerprint() for p in plans).encode()).hexdigest()
     storage.ensure_bucket(dest)
     manifest_uri = storage.join(dest, "manifest.json")
     try:
         existing = json.loads(storage.read_bytes(manifest_uri))
     except FileNotFoundError:
         existing = None
+    records = _load_records(dest, plans, workers)
+    recorded = [p for p in plans if p.name in records]
+    with ThreadPoolExecutor(max(4, workers)) as pool:  # a copied tree is hashed again: in parallel
+        results = pool.map(lambda p: _verify(records[p.name], p, Path(source), dest), recorded)
+        verified = {p.name: r for p, r in zip(recorded, results)}
     if existing is not None:
-        if existing.get("fingerprint") != fingerprint:
+        complete = len(verified) == len(plans)
+        if complete and existing.get("fingerprint") == dataset_fingerprint([verified[p.name] for p in plans]):
+            log.info("%s is complete already (same content as its manifest)", dest)
+            return existing
+        if not (complete and existing.get("fingerprint_method") != FINGERPRINT_METHOD):
             raise DatasetError(f"{dest} already holds a different data set; choose another --dest or delete it")
-        log.info("%s is complete already (manifest fingerprint matches)", dest)
-        return existing
-
-    done = {p.name: r for p in plans if (r := _finished(dest, p)) is not None}
+        log.info("%s: rewriting a manifest made before content fingerprints", dest)
+    done = {name: r for name, r in verified.items() if _in_place(dest, r)}
     todo = [p for p in plans if p.name not in done]
     total = sum(len(p.items) for p in todo)
     log.info(
@@ -336,7 +425,8 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
     names = class_names(Path(source), classes)
     manifest = {
         "format": FORMAT,
-        "fingerprint": fingerprint,
+        "fingerprint": dataset_fingerprint(results),
+        "fingerprint_method": FINGERPRINT_METHOD,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": {
             "shard_size_mb": shard_size_mb,

@@ -1,17 +1,20 @@
 """Shared test fixtures: tiny model configurations, the loopback S3 endpoint, the session's Ray cluster."""
 
+import atexit
 import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import RAY_CLI
+from helpers import RAY_CLI, stop_ray
 
 from crossvit import CrossViTConfig
 
@@ -22,6 +25,10 @@ from crossvit import CrossViTConfig
 # touch the user's ~/.ray. Ray reads the mode when it is first imported: set both before anything imports ray.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The session's Ray keeps its files in a folder of its own, so that it neither joins nor stops any other Ray
+# on the machine (a user's, or the ones the as-a-user tests start). Short: socket paths have a length limit.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], True)
 # The MLflow test logs to a local folder (file store), which MLflow 3 only allows when asked; the cluster's
 # workers inherit this from `ray start`.
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
@@ -75,6 +82,8 @@ def ray_cluster(s3_endpoint):
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **FAST_NODE_FAILURE_DETECTION,
+        # Keep idle worker processes, as pipelines.cluster.connect does for a local cluster (see there).
+        "RAY_num_workers_soft_limit": "16",
     }
     subprocess.run(
         [
@@ -98,7 +107,8 @@ def ray_cluster(s3_endpoint):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
     finally:
         ray.shutdown()
-        subprocess.run([RAY_CLI, "stop", "--force"], check=False, capture_output=True)
+        stop_ray(os.environ["RAY_TMPDIR"])
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 FAST_NODE_FAILURE_DETECTION = {
@@ -110,12 +120,14 @@ FAST_NODE_FAILURE_DETECTION = {
 
 class RayNode:
     """One more node of the session cluster, added as a cluster user adds a machine
-    (``ray start --address=<head> --block``): its own raylet, agents and worker processes."""
+    (``ray start --address=<head> --block``): its own raylet, agents and worker processes. ``wrap`` is a
+    command the node runs under (e.g. a mount namespace of its own, a machine with other disks)."""
 
-    def __init__(self, cluster: dict, num_cpus: int, resources: dict):
+    def __init__(self, cluster: dict, num_cpus: int, resources: dict, wrap: list[str] | None = None):
         self.node_id = ""
         self.process = subprocess.Popen(
             [
+                *(wrap or []),
                 RAY_CLI,
                 "start",
                 f"--address={cluster['address']}",
@@ -164,14 +176,14 @@ class RayNode:
 
 @pytest.fixture
 def add_nodes(ray_cluster):
-    """``add_nodes(n, num_cpus, resources)`` joins n more nodes to the session cluster and returns them; the
+    """``add_nodes(n, num_cpus, resources, wrap)`` joins n more nodes to the session cluster and returns them; the
     test's nodes are removed again when it ends. One after the other: nodes on one machine name their
     sockets by the first free name, and two starting at once can pick the same one."""
     added = []
 
-    def add(n: int = 1, num_cpus: int = 1, resources: dict | None = None) -> list[RayNode]:
+    def add(n: int = 1, num_cpus: int = 1, resources: dict | None = None, wrap: list[str] | None = None):
         for _ in range(n):
-            added.append(RayNode(ray_cluster, num_cpus, resources or {}))
+            added.append(RayNode(ray_cluster, num_cpus, resources or {}, wrap))
             added[-1].wait_until_joined()
         return added[-n:]
 

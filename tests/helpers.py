@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -11,6 +13,31 @@ from pipelines import storage
 from pipelines.metrics import load_history
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))  # this environment's, as a cluster user runs it
+
+
+def stop_ray(temp_dir: str) -> None:
+    """Stop the Ray cluster whose temp dir is ``temp_dir``, and only it (``ray stop`` stops every Ray on the
+    machine): the processes that name the folder on their command line (GCS, raylet, dashboard, log
+    monitor), with all their children (workers, agents), TERM first, then KILL."""
+    import psutil
+
+    marker = temp_dir.rstrip("/") + "/"
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or []):
+                roots.append(proc)
+    procs = {}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def train_workers() -> list:

@@ -3,21 +3,25 @@
 import io
 import json
 import logging
+import os
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
 from PIL import Image
 
-from pipelines import ingest, shards, storage
-from pipelines.ingest import AugmentConfig, BadDataError, read_split, to_model_input
+from pipelines import augment, ingest, shards, storage
+from pipelines.augment import AugmentConfig
+from pipelines.bad_samples import BadDataError, bad_sample_counter
+from pipelines.device import decode_on_device, to_model_input
+from pipelines.ingest import read_split
 from pipelines.shards import DatasetError, prepare
-
-NO_AUG = AugmentConfig(rand_augment_ops=0, hflip=0.0, random_erasing=0.0)
 
 
 def _raw_rows(uri: str, split: str) -> list[dict]:
@@ -116,6 +120,43 @@ def test_rerun_is_a_no_op_and_other_data_at_the_same_place_is_refused(prepared, 
         prepare(str(sample_images), uri, shard_size_mb=1, workers=1)  # other parameters: other shards
 
 
+def test_the_fingerprint_follows_content_not_file_dates(sample_images, tmp_path, monkeypatch):
+    """A copy of the image tree (new modification times) is the same data set: a rerun against it does
+    nothing and keeps the fingerprint, hashing each copied file once and then never again; a rerun of an
+    untouched tree reads no source file at all; an image whose bytes change makes it another data set."""
+    hashed = []
+    real_hash = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(p) or real_hash(p))
+    dest = str(tmp_path / "shards")
+    first = prepare(str(sample_images), dest, shard_size_mb=0.05, workers=1)
+    images = sorted(sample_images.rglob("*.JPEG"))
+    assert prepare(str(sample_images), dest, shard_size_mb=0.05, workers=1) == first and hashed == []
+    copy = tmp_path / "copy"
+    shutil.copytree(sample_images, copy, copy_function=shutil.copy)  # copy: new modification times
+    os.utime(copy / images[0].relative_to(sample_images), ns=(1, 1))
+    assert prepare(str(copy), dest, shard_size_mb=0.05, workers=1)["fingerprint"] == first["fingerprint"]
+    assert len(hashed) == len(images)  # each copied file read once ...
+    hashed.clear()
+    assert prepare(str(copy), dest, shard_size_mb=0.05, workers=1)["fingerprint"] == first["fingerprint"]
+    assert hashed == []  # ... and the records now know the copy's dates
+    changed = copy / images[5].relative_to(sample_images)
+    data = bytearray(changed.read_bytes())
+    data[-3] ^= 0xFF  # same size, other content
+    changed.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="different data set"):
+        prepare(str(copy), dest, shard_size_mb=0.05, workers=1)
+
+
+def test_imagenet_names_only_for_imagenets_own_wnids(tmp_path):
+    from timm.data import ImageNetInfo
+
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    names = shards.class_names(tmp_path, wnids)
+    assert names[0].startswith("tench") and names[1].startswith("goldfish") and len(set(names)) > 990
+    others = [f"n{90000000 + i:08d}" for i in range(1000)]  # 1000 wnid-like folders that are not ImageNet-1k
+    assert shards.class_names(tmp_path, others) == others
+
+
 _REAL_WRITE_SHARD = shards.write_shard
 
 
@@ -202,7 +243,7 @@ def test_imagenet_validation_layout_is_labelled_from_the_solution_file(tmp_path,
 
 def test_ray_data_streams_every_sample_with_its_label_from_s3(ray_cluster, prepared):
     uri, _ = prepared
-    counter = ingest.bad_sample_counter()
+    counter = bad_sample_counter()
     ds = read_split(uri, "val", image_size=32, train=False, counter=counter)
     batches = list(ds.iter_torch_batches(batch_size=32))
     images = torch.cat([b["image"] for b in batches])
@@ -211,14 +252,78 @@ def test_ray_data_streams_every_sample_with_its_label_from_s3(ray_cluster, prepa
     assert ray.get(counter.counts.remote()) == {"seen": 24, "bad": 0, "examples": []}
 
 
-def test_training_stream_is_augmented_and_reshuffled_every_epoch(ray_cluster, prepared):
+def _epoch(ds, counter, epoch: int, **iter_args) -> list[dict]:
+    """One epoch of ``ds`` as its batches, with the epoch announced as the training loop does."""
+    ray.get(counter.set_epoch.remote(epoch))
+    return list(ds.iter_batches(batch_format="numpy", **iter_args))
+
+
+def _image_multiset(batches: list[dict]) -> Counter:
+    return Counter(image.tobytes() for b in batches for image in b["image"])
+
+
+def test_each_samples_augmentation_is_a_function_of_seed_epoch_and_key(ray_cluster, prepared):
+    """Through Ray: two executions of the same epoch give the same set of augmented images (in whatever
+    order the tasks deliver them); another epoch or another seed gives others, and the images are really
+    augmented (not the evaluation crop)."""
     uri, _ = prepared
-    ds = read_split(uri, "train", image_size=40, train=True, seed=7)
-    first, second = _labels(ds), _labels(ds)
-    assert sorted(first) == sorted(second) == sorted([0, 1, 2, 3] * 24)
-    assert first != second  # a new shard order each execution
-    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
-    assert batch["image"].shape == (8, 40, 40, 3)
+    aug = AugmentConfig(scale=(0.2, 1.0), rand_augment_ops=1)
+    counter = bad_sample_counter()
+    ds = read_split(uri, "train", image_size=24, train=True, seed=7, augment=aug, counter=counter)
+    first = _image_multiset(_epoch(ds, counter, 3, batch_size=32))
+    again = _image_multiset(_epoch(ds, counter, 3, batch_size=7))
+    assert sum(first.values()) == 96 and first == again
+    assert _image_multiset(_epoch(ds, counter, 4)).keys().isdisjoint(first)
+    other_counter = bad_sample_counter()
+    other_seed = read_split(uri, "train", image_size=24, train=True, seed=8, augment=aug, counter=other_counter)
+    assert _image_multiset(_epoch(other_seed, other_counter, 3)).keys().isdisjoint(first)
+    plain = read_split(uri, "train", image_size=24, train=False)
+    assert _image_multiset(list(plain.iter_batches(batch_format="numpy"))).keys().isdisjoint(first)
+
+
+def test_a_sample_is_augmented_alike_whichever_block_and_position_it_is_decoded_in(ray_cluster, prepared):
+    """The decode function on its own: the same samples decoded as one block, as two blocks, and in reverse
+    order give each sample the same pixels (a generator per batch would give each the draws of its place)."""
+    from pipelines.ingest import DecodeBatch
+
+    uri, manifest = prepared
+    name = manifest["splits"]["train"]["shards"][0]["name"]
+    (block,) = ingest.read_tar(io.BytesIO(storage.read_bytes(storage.join(uri, name))), name)
+    block = block.slice(0, 12)
+    block = block.append_column("epoch", pa.array([5] * block.num_rows, pa.int64()))
+    counter = bad_sample_counter()
+    decode = DecodeBatch(24, True, AugmentConfig(scale=(0.2, 1.0), rand_augment_ops=1), 4, counter, 3, False)
+
+    def by_key(*blocks) -> dict[str, bytes]:
+        out = {}
+        for b in blocks:
+            keys = b.column("key").to_pylist()
+            out.update(zip(keys, (img.tobytes() for img in decode(b)["image"])))
+        return out
+
+    whole = by_key(block)
+    assert len(set(whole.values())) == 12  # distinct draws per sample
+    assert by_key(block.slice(0, 5), block.slice(5)) == whole
+    assert by_key(block.take(list(reversed(range(12))))) == whole
+
+
+def test_shard_order_follows_seed_and_epoch(ray_cluster, prepared):
+    """With the order of the output fixed to the order of the read tasks (preserve_order), the labels come
+    out in shard order: the same for the same (seed, epoch), another for another epoch; evaluation reads the
+    shards in the manifest's order every time."""
+    uri, _ = prepared
+
+    def labels(train: bool, seed: int, epoch: int) -> list[int]:
+        counter = bad_sample_counter()
+        ds = read_split(uri, "train", image_size=16, train=train, seed=seed, counter=counter)
+        ds.context.execution_options.preserve_order = True
+        return [int(y) for b in _epoch(ds, counter, epoch) for y in b["label"]]
+
+    first = labels(True, 7, 0)
+    assert sorted(first) == sorted([0, 1, 2, 3] * 24)
+    assert labels(True, 7, 0) == first  # reproducible
+    assert labels(True, 7, 1) != first  # reshuffled every epoch
+    assert labels(False, 7, 0) == labels(False, 7, 1)  # evaluation: no reshuffling
 
 
 def test_the_eval_transform_is_resize_then_centre_crop():
@@ -229,7 +334,7 @@ def test_the_eval_transform_is_resize_then_centre_crop():
     )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    ours = ingest.eval_transform(buf.getvalue(), 240)
+    ours = augment.eval_transform(buf.getvalue(), 240)
     ref = np.asarray(T.Compose([T.Resize(274, T.InterpolationMode.BICUBIC), T.CenterCrop(240)])(img))
     assert ours.shape == ref.shape == (240, 240, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 1.0
@@ -296,7 +401,7 @@ def _png() -> bytes:
 
 
 def test_bad_samples_are_skipped_counted_and_logged(ray_cluster, bad_shards):
-    counter = ingest.bad_sample_counter(max_fraction=0.5, min_samples=1)
+    counter = bad_sample_counter(max_fraction=0.5, min_samples=1)
     ds = read_split(str(bad_shards), "train", image_size=16, train=False, counter=counter)
     labels = _labels(ds)
     # 20 good samples of class 1; of class 0 two in other tools' conventions and the complete samples that
@@ -307,13 +412,48 @@ def test_bad_samples_are_skipped_counted_and_logged(ray_cluster, bad_shards):
     assert labels.count(1) == 20 and labels.count(0) == 2 + before_break
     counts = ray.get(counter.counts.remote())
     bad = counts["examples"]
-    assert {"corrupt", "nolabel", "outofrange"} <= set(bad)
-    assert any("#missing-" in k or "#truncated-" in k for k in bad)
+    # Keys name the shard and the sample: keys of shards made elsewhere may repeat across shards.
+    assert {f"train/shard-000000.tar#{k}" for k in ("corrupt", "nolabel", "outofrange")} <= set(bad)
+    assert any(k.startswith("train/shard-000002.tar#missing-") or "#truncated-" in k for k in bad)
     assert counts["bad"] == 3 + 10 - before_break and counts["seen"] == len(labels) + counts["bad"]
 
 
+def test_a_retried_decode_task_counts_its_samples_once(ray_cluster, bad_shards, tmp_path):
+    """The process of a read-and-decode task dies right after the task reported its block (the first time
+    only): Ray runs the task again, it reports the same block again, and the counts stay exact."""
+    from pipelines.ingest import DecodeBatch, ShardDatasource
+
+    marker = tmp_path / "crashed"
+
+    class CrashOnce(DecodeBatch):  # defined here, so Ray ships it by value to the workers
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            if batch.column("shard")[0].as_py() == "train/shard-000000.tar" and not marker.exists():
+                marker.write_text("once")
+                os._exit(1)  # the worker process vanishes, as on an OOM kill or a lost node
+            return out
+
+    counter = bad_sample_counter(max_fraction=0.9, min_samples=1)
+    manifest = shards.load_manifest(str(bad_shards))
+    entries = manifest["splits"]["train"]["shards"]
+    expected = {s["name"]: s["samples"] for s in entries}
+    source = ShardDatasource(
+        [str(bad_shards / s["name"]) for s in entries], expected, counter=counter, seed=0, shuffle=False
+    )
+    decode = CrashOnce(16, False, AugmentConfig(), 2, counter, 0, False)
+    ds = ray.data.read_datasource(source, override_num_blocks=3).map_batches(
+        decode, batch_size=None, batch_format="pyarrow"
+    )
+    labels = [int(y) for b in ds.iter_batches(batch_format="numpy") for y in b["label"]]
+    assert marker.exists(), "no task crashed"
+    counts = ray.get(counter.counts.remote())
+    before_break = sum(r["error"] is None for r in _rows_of(bad_shards / "train" / "shard-000002.tar", 10))
+    assert len(labels) == 20 + 2 + before_break  # every good sample once
+    assert counts["seen"] == 23 + 2 + 10 and counts["bad"] == 3 + 10 - before_break
+
+
 def test_too_many_bad_samples_stop_the_job(ray_cluster, bad_shards):
-    counter = ingest.bad_sample_counter(max_fraction=0.01, min_samples=1)
+    counter = bad_sample_counter(max_fraction=0.01, min_samples=1)
     ds = read_split(str(bad_shards), "train", image_size=16, train=False, counter=counter)
     with pytest.raises(Exception, match=r"samples were bad \(.*% > 1.0% allowed\); first keys") as err:
         _labels(ds)
@@ -322,7 +462,7 @@ def test_too_many_bad_samples_stop_the_job(ray_cluster, bad_shards):
 
 def _rows_of(path: Path, expected: int | None = None) -> list[dict]:
     with path.open("rb") as f:
-        return [r for b in ingest.read_tar(f, str(path), expected) for r in b.to_pylist()]
+        return [r for b in ingest.read_tar(f, ingest.shard_name(str(path)), expected) for r in b.to_pylist()]
 
 
 def test_a_truncated_tar_keeps_the_samples_before_the_break_and_counts_the_rest(bad_shards, tmp_path):
@@ -338,19 +478,53 @@ def test_a_truncated_tar_keeps_the_samples_before_the_break_and_counts_the_rest(
     assert _rows_of(cut)[-1]["error"].startswith("truncated or corrupt tar")
 
 
-def test_model_input_is_normalised_on_the_device_and_mixed_when_asked():
+NORMALISED_WHITE = torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+
+
+def test_model_input_is_normalised_on_the_device():
     images = torch.full((4, 8, 8, 3), 255, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3])
     x, y = to_model_input(images, labels, num_classes=5, train=False)
     assert x.shape == (4, 3, 8, 8) and torch.equal(y, labels)
-    torch.testing.assert_close(
-        x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
-    )
-    x, y = to_model_input(
-        images, labels, num_classes=5, train=True, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=1.0
-    )
-    assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
-    assert not torch.equal(x[0], torch.full_like(x[0], x[0, 0, 0, 0].item()))  # erased patches are noise
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x[0, :, 0, 0], NORMALISED_WHITE)
+
+
+def test_random_erasing_fills_one_rectangle_per_image_with_noise_and_keeps_the_layout():
+    images = torch.full((16, 32, 32, 3), 255, dtype=torch.uint8)
+    x, y = to_model_input(images, torch.arange(16) % 4, num_classes=4, train=True, random_erasing=1.0)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # erasing used to give back NCHW
+    assert y.tolist() == (torch.arange(16) % 4).tolist()  # no mixing asked for: labels untouched
+    noise = []
+    for img in x:
+        erased = ~torch.isclose(img, NORMALISED_WHITE.view(3, 1, 1), atol=1e-5).all(dim=0)
+        rows, cols = erased.any(dim=1).nonzero().flatten(), erased.any(dim=0).nonzero().flatten()
+        assert len(rows) and len(cols), "an image was not erased with p=1"
+        box = img[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert erased[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()  # one filled rectangle
+        assert erased.sum() == box.shape[1] * box.shape[2]  # and nothing outside it
+        noise.append(box.flatten())
+    noise = torch.cat(noise)
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # timm's per-pixel N(0, 1) in normalised space
+
+
+def test_mixup_and_cutmix_mix_the_pixels_as_the_soft_targets_say():
+    """Each class is a flat grey level; after Mixup or CutMix every image's mean is the target-weighted mean
+    of the class levels (CutMix's weight is the pasted box's area), and some images are really mixed."""
+    levels = torch.tensor([0, 80, 160, 240], dtype=torch.uint8)
+    labels = torch.arange(32) % 4
+    images = levels[labels].view(32, 1, 1, 1).expand(32, 16, 16, 3).contiguous()
+    class_means = ((levels.float() / 255).view(4, 1) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    )  # (class, channel) in normalised space
+    mixed_any = False
+    for seed in range(4):  # Mixup or CutMix is chosen per batch
+        torch.manual_seed(seed)
+        x, y = to_model_input(images, labels, num_classes=4, train=True, mixup_alpha=0.8, cutmix_alpha=1.0)
+        assert y.shape == (32, 4) and torch.allclose(y.sum(1), torch.ones(32))
+        torch.testing.assert_close(x.mean(dim=(2, 3)), y @ class_means, atol=1e-4, rtol=1e-4)
+        mixed_any |= bool((y.max(dim=1).values < 0.99).any())
+    assert mixed_any
 
 
 def test_images_can_be_shipped_encoded_and_decoded_on_the_device(ray_cluster, prepared):
@@ -359,15 +533,31 @@ def test_images_can_be_shipped_encoded_and_decoded_on_the_device(ray_cluster, pr
     ds = read_split(uri, "val", image_size=32, train=False, decode_on_device=True)
     images, labels = [], []
     for batch in ds.iter_batches(batch_size=16, batch_format="pyarrow"):
-        assert batch.column_names == ["encoded", "label"]
-        x, y = ingest.decode_on_device(batch, size=32, train=False, device="cpu")
+        assert batch.column_names == ["key", "encoded", "label", "epoch"]
+        x, y = decode_on_device(batch, size=32, train=False, device="cpu")
         images.append(x)
         labels += y.tolist()
     assert torch.cat(images).shape == (24, 32, 32, 3) and Counter(labels) == {0: 6, 1: 6, 2: 6, 3: 6}
     train_ds = read_split(uri, "train", image_size=32, train=True, decode_on_device=True)
     train = next(iter(train_ds.iter_batches(batch_size=8, batch_format="pyarrow")))
-    x, y = ingest.decode_on_device(train, size=32, train=True, device="cpu")
+    x, y = decode_on_device(train, size=32, train=True, device="cpu", seed=1)
     assert x.shape == (8, 32, 32, 3) and x.dtype == torch.uint8 and y.shape == (8,)
+    again, _ = decode_on_device(train, size=32, train=True, device="cpu", seed=1)
+    assert torch.equal(x, again)  # each sample's draws come from (seed, epoch, key), as on the CPU path
+
+
+def test_a_jpeg_that_fails_on_the_device_is_reported_by_its_key(ray_cluster):
+    counter = bad_sample_counter(max_fraction=1.0, min_samples=1)
+    batch = {
+        "key": ["train/shard-000003.tar#good", "train/shard-000003.tar#broken"],
+        "encoded": [_jpeg(), b"\xff\xd8\xff\xe0 not a real jpeg"],
+        "label": [1, 0],
+        "epoch": [2, 2],
+    }
+    x, y = decode_on_device(batch, size=16, train=False, device="cpu", counter=counter)
+    assert x.shape == (1, 16, 16, 3) and y.tolist() == [1]
+    counts = ray.get(counter.counts.remote())
+    assert counts["examples"] == ["train/shard-000003.tar#broken"] and counts["bad"] == 1
 
 
 def test_malformed_labels_become_counted_errors_and_folders_are_part_of_the_key(tmp_path):

@@ -153,5 +153,5 @@ def test_config_round_trips_through_dicts_and_rejects_nonsense(tiny_cfg):
         crossvit.CrossViTConfig.from_dict({**d, "depht": 3})
     with pytest.raises(ValueError, match="not divisible"):
         replace(tiny_cfg, num_heads=(3, 2))
-    with pytest.raises(ValueError, match="not a multiple of patch size"):
+    with pytest.raises(ValueError, match="not a positive multiple of patch size"):
         replace(tiny_cfg, img_size=50)

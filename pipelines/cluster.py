@@ -1,0 +1,276 @@
+"""What a Ray cluster offers: planning its CPUs, checking that a local path is shared, and telling what Ray
+is waiting for when nothing moves.
+
+Training workers, Ray Data's read-and-decode tasks (and later Serve replicas and labeling actors) share a
+cluster's logical CPUs. Ray Train reserves every worker's resources first (1 CPU per worker by default, 0
+with GPUs) and Ray Data gets what is left: when the workers take every CPU, the decode tasks wait forever
+and so do the workers, for their first batch. ``plan_training_cpus`` divides the CPUs before anything
+starts, and says what to change when a configuration cannot work; ``watch`` turns a stream that stops
+delivering into an error that shows what Ray reports as pending, instead of a silent hang;
+``check_shared_path`` refuses a local path that the other nodes of a cluster cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class ResourcePlanError(ValueError):
+    """The cluster cannot run this configuration; the message gives the numbers and the fix."""
+
+
+class StalledError(RuntimeError):
+    """No batch arrived within the configured time."""
+
+
+class NotSharedError(ValueError):
+    """A local path that some node of the cluster cannot see."""
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    cluster_cpus: float
+    workers: int  # the most training workers there can be (MAX of an elastic range)
+    cpus_per_worker: float  # what each reserves
+    ingest_cpus: float  # what is left for Ray Data
+    decode_cpus: float  # what each read-and-decode task reserves
+    lowered: bool  # cpus_per_worker is below Ray's default, to leave the ingest room
+
+    def describe(self) -> str:
+        how = " (lowered from 1 to leave the data pipeline room)" if self.lowered else ""
+        return (
+            f"{self.cluster_cpus:g} CPUs in the cluster: {self.workers} training worker(s) reserve "
+            f"{self.cpus_per_worker:g} each{how}, {self.ingest_cpus:g} left for Ray Data's decode tasks "
+            f"({self.decode_cpus:g} CPU each)"
+        )
+
+
+def plan_training_cpus(
+    cluster_cpus: float,
+    workers: int | tuple[int, int],
+    *,
+    use_gpu: bool,
+    cpus_per_worker: float | None = None,
+    min_ingest_cpus: float = 1.0,
+    cpu_nodes: int = 1,
+) -> CpuPlan:
+    """Divide ``cluster_cpus`` between the training workers and Ray Data.
+
+    ``cpus_per_worker`` None means the user did not choose: Ray's default (1 per CPU worker, 0 per GPU
+    worker), which on a single machine (``cpu_nodes`` 1) is lowered when the workers would otherwise leave
+    less than ``min_ingest_cpus`` to the ingest. There the workers and the decode tasks share the same cores
+    whatever is reserved, so a fractional reservation loses nothing; it only lets both run. Across several
+    nodes Ray packs the workers node by node, and fractions would leave scraps on each node that no decode
+    task fits into, so there, as for a reservation the user made, a cluster that cannot hold the workers
+    beside the ingest is an error with the numbers and the fix. ``min_ingest_cpus=0`` skips the check (an
+    autoscaling cluster that will add CPU nodes for Ray Data).
+    """
+    low, high = workers if isinstance(workers, tuple) else (workers, workers)
+    explicit = cpus_per_worker is not None
+    per_worker = float(cpus_per_worker) if explicit else (0.0 if use_gpu else 1.0)
+    lowered = False
+    spare = cluster_cpus - min_ingest_cpus  # what the workers may take
+    if min_ingest_cpus > 0 and high * per_worker > spare:
+        if not explicit and cpu_nodes <= 1:
+            per_worker = math.floor(100 * spare / high) / 100  # to the hundredth, never over
+            if per_worker <= 0:
+                raise ResourcePlanError(
+                    f"the cluster has {cluster_cpus:g} CPU(s): Ray Data needs {min_ingest_cpus:g} to decode and "
+                    f"{high} training worker(s) need some too. Fix: start Ray with more CPUs (ray start --head "
+                    f"--num-cpus {math.ceil(min_ingest_cpus) + 1}), use fewer workers, or add a node"
+                )
+            lowered = True
+        elif low * per_worker > spare:
+            fixes = []
+            if spare > 0:
+                fixes.append(f"set resources_per_worker.CPU to {math.floor(100 * spare / low) / 100:g} or less")
+            if per_worker and spare >= per_worker:
+                fixes.append(f"use {math.floor(spare / per_worker)} worker(s)")
+            fixes.append("add a node with CPUs (CPU-only nodes are fine for decoding)")
+            raise ResourcePlanError(
+                f"the cluster has {cluster_cpus:g} CPUs on {cpu_nodes} node(s); {low} training worker(s) reserving "
+                f"{per_worker:g} each take {low * per_worker:g}, and Ray Data needs at least {min_ingest_cpus:g} "
+                f"to decode. Fix: {', or '.join(fixes)}"
+            )
+        else:
+            log.warning(
+                "an elastic group of up to %d workers reserving %g CPUs each can take all %g CPUs of the cluster "
+                "as it is now; Ray Data then waits for CPUs of nodes that join (the batch watchdog reports it)",
+                high,
+                per_worker,
+                cluster_cpus,
+            )
+    ingest = max(cluster_cpus - high * per_worker, 0.0)
+    decode = 1.0 if ingest >= 2 or min_ingest_cpus == 0 or cpu_nodes > 1 else max(ingest / 2, 0.25)
+    return CpuPlan(cluster_cpus, high, per_worker, round(ingest, 2), round(decode, 2), lowered)
+
+
+def connect(**init_kwargs) -> None:
+    """``ray.init`` as our jobs call it: join the cluster this process belongs to (``ray job submit``,
+    RAY_ADDRESS, a ``ray start`` on this machine), or start a local one with the machine's CPUs.
+
+    A local one is told to keep idle worker processes. Ray keeps at most as many idle workers as there are
+    free CPUs and kills the rest after a second; on a small machine, where the training workers hold part of
+    the CPUs and the decode tasks ask for fractions of the rest, every read task then starts a new worker
+    process that imports torch again (3-4 s each on 2 cores): measured here, an epoch of 2,000 images took
+    8.8 s instead of 1.4 s. Ray has no per-job setting for this, only the raylet's ``num_workers_soft_limit``,
+    read from the environment when a node starts: for a cluster of your own, start it with
+    ``RAY_num_workers_soft_limit=<4 x CPUs> ray start ...`` (see the README)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * (os.cpu_count() or 1)))
+    ray.init(**init_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What Ray reports
+# --------------------------------------------------------------------------------------------------------
+
+
+def cluster_report() -> str:
+    """One paragraph: CPUs in use of the total, what placement groups hold, and the tasks and actors that
+    wait for resources, by name (from Ray's state API, when the dashboard runs)."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lines = [f"CPU {total.get('CPU', 0) - free.get('CPU', 0):g} of {total.get('CPU', 0):g} in use"]
+    if total.get("GPU"):
+        lines[0] += f", GPU {total['GPU'] - free.get('GPU', 0):g} of {total['GPU']:g}"
+    try:
+        held = sum(
+            b.get("CPU", 0)
+            for pg in ray.util.placement_group_table().values()
+            if pg.get("state") == "CREATED"
+            for b in pg.get("bundles", {}).values()
+        )
+        lines[0] += f" ({held:g} CPU reserved by placement groups, e.g. training workers)"
+    except Exception:  # a report must not fail where the cluster tables cannot be read
+        pass
+    try:
+        from ray.util.state import list_actors, list_tasks
+
+        waiting = Counter()
+        for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=200):
+            need = ", ".join(f"{k} {v:g}" for k, v in sorted((t.required_resources or {}).items()))
+            waiting[f"task {t.name} (needs {need})"] += 1
+        for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=200):
+            waiting[f"actor {a.class_name}"] += 1
+        if waiting:
+            lines.append("waiting for resources: " + "; ".join(f"{n} x{c}" for n, c in waiting.most_common(8)))
+        else:
+            lines.append("no task or actor is waiting for resources")
+    except Exception as e:  # the state API needs the dashboard
+        lines.append(f"(pending tasks unknown: Ray's state API did not answer: {type(e).__name__})")
+    return "; ".join(lines)
+
+
+def watch(batches: Iterable, timeout_s: float, what: str) -> Iterator:
+    """Yield from ``batches``, raising StalledError with ``cluster_report()`` when the next item takes more
+    than ``timeout_s`` seconds. Ray Data's iterators have no timeout of their own, so a thread pulls from
+    the iterator and this generator waits on it with one (one item of look-ahead, no more)."""
+    if not timeout_s or timeout_s <= 0:
+        yield from batches
+        return
+    items: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def hand_over(item) -> bool:
+        """Put ``item`` in the queue; False when the consumer has left."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for item in batches:
+                if not hand_over(item):
+                    return
+            hand_over(end)
+        except BaseException as e:  # handed to the consumer, which raises it
+            hand_over(e)
+
+    thread = threading.Thread(target=pump, name=f"watch-{what}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=timeout_s)
+            except queue.Empty:
+                raise StalledError(
+                    f"no {what} for {timeout_s:g} s (batch_timeout_s). Ray reports: {cluster_report()}. "
+                    "If Ray Data's decode tasks wait for CPUs, the training workers hold them: lower "
+                    "resources_per_worker.CPU or add CPUs; if nothing waits, check the storage"
+                ) from None
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Local paths on a cluster
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_shared_path(path: str, what: str, probe: str | None = None) -> None:
+    """On a cluster of several nodes, a local path (a run's storage, a data set, fine-tuning weights) must be
+    the same on every node (NFS, a shared volume): a file here must be visible from a task on each node
+    (``probe``, a file that exists, e.g. a data set's manifest; else a marker written into ``path``).
+    Otherwise raise NotSharedError naming the nodes that cannot see it. One node: nothing to check."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in nodes if n["NodeID"] != here]
+    if not others:
+        return
+    marker = probe
+    if probe is None:
+        os.makedirs(path, exist_ok=True)
+        marker = os.path.join(path, f".shared-check-{uuid.uuid4().hex}")
+        with open(marker, "w") as f:
+            f.write("visible?")
+    try:
+        exists = ray.remote(num_cpus=0)(os.path.exists)
+        checks = [
+            exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+            for n in others
+        ]
+        try:
+            seen = ray.get(checks, timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            raise NotSharedError(
+                f"could not check that {what} {path} is shared storage: not every node of the cluster answered "
+                "within 120 s. Use s3://..., or check the cluster (ray status)"
+            ) from None
+    finally:
+        if probe is None:
+            os.remove(marker)
+    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, ok in zip(others, seen) if not ok]
+    if blind:
+        raise NotSharedError(
+            f"{what} {path} is a local path, and node(s) {', '.join(sorted(blind))} of this {len(nodes)}-node "
+            "cluster cannot see it (it is not shared storage). Use s3://... or a shared filesystem mounted at "
+            "the same path on every node"
+        )

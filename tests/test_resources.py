@@ -1,0 +1,102 @@
+"""Planning the cluster's CPUs, the stall watchdog, and local paths on a cluster of several nodes."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipelines.cluster import NotSharedError, ResourcePlanError, check_shared_path, plan_training_cpus
+from pipelines.shards import prepare
+from pipelines.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_small_machine_is_divided_between_the_workers_and_the_data_pipeline():
+    laptop = plan_training_cpus(2, 2, use_gpu=False)
+    assert (laptop.cpus_per_worker, laptop.ingest_cpus, laptop.lowered) == (0.5, 1.0, True)
+    assert laptop.decode_cpus == 0.5  # two decode tasks share the CPU that is left: one reads while one decodes
+    elastic = plan_training_cpus(2, (1, 4), use_gpu=False)  # planned for the largest group it may become
+    assert (elastic.workers, elastic.cpus_per_worker, elastic.ingest_cpus) == (4, 0.25, 1.0)
+    big = plan_training_cpus(16, 2, use_gpu=False)
+    assert (big.cpus_per_worker, big.ingest_cpus, big.decode_cpus, big.lowered) == (1.0, 14.0, 1.0, False)
+    gpu = plan_training_cpus(8, 1, use_gpu=True)  # Ray's default: a GPU worker reserves no CPU
+    assert (gpu.cpus_per_worker, gpu.ingest_cpus) == (0.0, 8.0)
+
+
+def test_a_configuration_that_cannot_decode_is_refused_with_the_numbers_and_the_fix():
+    # A GPU node whose CPUs the worker takes entirely (resources_per_worker {CPU: 8, GPU: 1} on 8 CPUs).
+    with pytest.raises(ResourcePlanError, match=r"has 8 CPUs on 1 node\(s\); 1 training worker\(s\) reserving 8") as e:
+        plan_training_cpus(8, 1, use_gpu=True, cpus_per_worker=8)
+    assert "Fix: set resources_per_worker.CPU to 7 or less, or add a node" in str(e.value)  # not "use 0 workers"
+    with pytest.raises(ResourcePlanError, match=r"use 3 worker\(s\)"):
+        plan_training_cpus(16, 4, use_gpu=False, cpus_per_worker=4)
+    with pytest.raises(ResourcePlanError, match="start Ray with more CPUs"):
+        plan_training_cpus(1, 1, use_gpu=False)
+    # Across nodes, fractions would leave scraps on every node that no decode task fits into: no lowering.
+    with pytest.raises(ResourcePlanError, match=r"100 CPUs on 50 node\(s\); 150 training worker\(s\)"):
+        plan_training_cpus(100, 150, use_gpu=False, cpu_nodes=50)
+    # An elastic group that may outgrow the cluster as it is now: a warning, never a negative share.
+    assert plan_training_cpus(2, (1, 4), use_gpu=False, cpus_per_worker=1).ingest_cpus == 0
+    # An autoscaling cluster that will add CPU nodes: the check is off, nothing is lowered.
+    assert plan_training_cpus(0, 2, use_gpu=True, min_ingest_cpus=0).cpus_per_worker == 0
+
+
+@pytest.fixture(scope="module")
+def small_data(ray_cluster, sample_images, tmp_path_factory) -> str:
+    data = str(tmp_path_factory.mktemp("resources") / "data")
+    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    return data
+
+
+def _config(data: str, storage: str, **fields) -> TrainConfig:
+    return TrainConfig.from_yaml(
+        REPO / "jobs/configs/sample.yaml", data=data, storage=storage, epochs=1, batch_size=8, **fields
+    )
+
+
+def test_fit_refuses_workers_that_would_leave_ray_data_no_cpu(small_data, tmp_path):
+    cpus = ray.cluster_resources()["CPU"]
+    # (A short watchdog: were the plan not checked, the run would starve and fail fast with another error.)
+    cfg = _config(small_data, str(tmp_path), name="greedy", resources_per_worker={"CPU": cpus / 2}, batch_timeout_s=20)
+    with pytest.raises(ResourcePlanError, match=rf"has {cpus:g} CPUs on 1 node\(s\); 2 training worker\(s\)"):
+        fit(cfg)
+    assert not (tmp_path / "greedy").exists()  # refused before anything ran or was written
+
+
+def test_no_batch_within_the_timeout_is_an_error_that_says_what_ray_waits_for(small_data, tmp_path):
+    """The plan's check switched off (min_ingest_cpus 0, as on an autoscaling cluster that never grows) and
+    the workers holding every CPU: the decode tasks wait forever. The watchdog stops the run with what Ray
+    reports instead of hanging, and the restarts Ray Train makes (max_failures, 3 by default) end at once
+    with the same reason instead of waiting 15 s each again."""
+    cpus = ray.cluster_resources()["CPU"]
+    cfg = _config(
+        small_data, str(tmp_path), name="starved", resources_per_worker={"CPU": cpus / 2}, min_ingest_cpus=0,
+        batch_timeout_s=15,
+    )  # fmt: skip
+    with pytest.raises(Exception, match=r"RunStoppedError: StalledError: no training batch for 15 s") as err:
+        fit(cfg)
+    message = str(err.value)
+    assert f"CPU {cpus:g} of {cpus:g} in use" in message
+    assert "waiting for resources: task ReadShard->MapBatches(DecodeBatch) (needs CPU 1)" in message
+
+
+def _can_unshare() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) to give a node its own disk")
+def test_a_local_path_that_another_node_cannot_see_is_refused(small_data, add_nodes, tmp_path):
+    """A second node in a mount namespace of its own, where the run folder is an empty tmpfs: a machine with
+    its own disk. Storage there is not shared, and fit says so before training; a path both see passes."""
+    private = tmp_path / "runs"
+    private.mkdir()
+    mount = f'mount -t tmpfs none {private} && exec "$0" "$@"'
+    (node,) = add_nodes(1, num_cpus=1, wrap=["unshare", "-m", "sh", "-c", mount])
+    check_shared_path(str(tmp_path / "visible-to-all"), "storage")  # the rest of the disk is shared
+    with pytest.raises(NotSharedError, match=r"storage .*/runs is a local path, and node\(s\) .* cannot see it"):
+        check_shared_path(str(private), "storage")
+    with pytest.raises(NotSharedError, match="not shared storage"):
+        fit(_config(small_data, str(private), name="unshared"))
+    assert node.node_id
