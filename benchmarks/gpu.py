@@ -6,7 +6,7 @@
    its device first, then the optimizer state) takes a fused AdamW step; restored the old way (before the
    model is moved), the same step fails.
 2. Decoding 500x375 JPEGs (ImageNet-like): ``decode_on_device`` (batched nvJPEG, then the evaluation or the
-   training transform on the GPU) against the CPU path (``pipelines.augment``) on one core, times the cores.
+   training transform on the GPU) against the CPU path (``pipelines.data.augment``) on one core, times the cores.
 3. The serving and labeling path without Ray: the evaluation preprocessing on N CPU threads feeding bf16
    batched inference of crossvit_small_240, against the same model on already-decoded tensors: how many
    threads keep the GPU fed.
@@ -29,12 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 import crossvit
-from pipelines.augment import AugmentConfig, eval_transform, sample_rng, train_transform
+from pipelines.checkpoint import restore, save_checkpoint
+from pipelines.data.augment import AugmentConfig, sample_rng, train_transform
+from pipelines.data.sample import draw_sample
 from pipelines.device import decode_on_device, to_model_input
-from pipelines.sample_data import draw_sample
-from pipelines.train import TrainConfig, param_groups, restore, save_checkpoint, training_state
+from pipelines.preprocess import eval_transform
+from pipelines.train.config import TrainConfig
+from pipelines.train.optim import param_groups
+from pipelines.train.state import training_state
 
 RESULTS: dict = {}
 
@@ -118,8 +123,6 @@ def check_decoding(device: torch.device, data: list[bytes], cores: int) -> None:
     )
     record("cpu_eval_transform_per_core_img_s", round(cpu_eval, 1))
     record("cpu_train_transform_per_core_img_s", round(cpu_train, 1))
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     buffers = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     raw = n / timed(lambda: decode_jpeg(buffers, mode=ImageReadMode.RGB, device=device))
     record("gpu_batched_decode_only_img_s", round(raw, 1))

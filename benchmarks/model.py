@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import timm
 import torch
 from torch import nn
 
@@ -83,12 +84,7 @@ def report(title: str, results: dict[str, list[float]], baseline: str) -> None:
 
 
 def build(args, name: str, device: torch.device, ours: bool, channels_last: bool = False) -> nn.Module:
-    if ours:
-        model = crossvit.create_model(name)
-    else:
-        import timm
-
-        model = timm.create_model(name)
+    model = crossvit.create_model(name) if ours else timm.create_model(name)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 

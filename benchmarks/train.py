@@ -12,6 +12,7 @@ after the first of each, and the ratio pipeline/synthetic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -21,10 +22,12 @@ import ray
 
 from pipelines import storage
 from pipelines.cluster import connect
+from pipelines.data.dataset import load_manifest
+from pipelines.data.prepare import prepare
+from pipelines.data.sample import SampleSpec, write_sample_dataset
 from pipelines.local_s3 import local_s3
-from pipelines.sample_data import SampleSpec, write_sample_dataset
-from pipelines.shards import load_manifest, prepare
-from pipelines.train import TrainConfig, fit, parse_overrides
+from pipelines.train.config import TrainConfig, parse_overrides
+from pipelines.train.launch import fit
 
 
 def images_per_s(run_uri: str) -> float:
@@ -57,8 +60,8 @@ def main() -> None:
             ),
             "val": ray.data.from_items([{"image": np.zeros((size, size, 3), np.uint8), "label": 0}] * 20),
         }
-        fit(TrainConfig(**{**cfg.__dict__, "name": "synthetic"}), datasets=synthetic)
-        fit(TrainConfig(**{**cfg.__dict__, "name": "pipeline"}))
+        fit(dataclasses.replace(cfg, name="synthetic"), datasets=synthetic)
+        fit(dataclasses.replace(cfg, name="pipeline"))
         synthetic_rate, pipeline_rate = (
             images_per_s("s3://bench/runs/synthetic"),
             images_per_s("s3://bench/runs/pipeline"),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipelines import demo
-from pipelines.sample_data import max_classes
+from pipelines.data.sample import max_classes
 
 
 def main(argv: list[str] | None = None) -> None:

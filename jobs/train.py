@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipelines.train import TrainConfig, fit, parse_overrides
+from pipelines.train.config import TrainConfig, parse_overrides
+from pipelines.train.launch import fit
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.state import list_actors, list_tasks
+
 log = logging.getLogger(__name__)
 
 
@@ -126,8 +130,6 @@ def connect(**init_kwargs) -> None:
     8.8 s instead of 1.4 s. Ray has no per-job setting for this, only the raylet's ``num_workers_soft_limit``,
     read from the environment when a node starts: for a cluster of your own, start it with
     ``RAY_num_workers_soft_limit=<4 x CPUs> ray start ...`` (see the README)."""
-    import ray
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * (os.cpu_count() or 1)))
@@ -142,8 +144,6 @@ def connect(**init_kwargs) -> None:
 def cluster_report() -> str:
     """One paragraph: CPUs in use of the total, what placement groups hold, and the tasks and actors that
     wait for resources, by name (from Ray's state API, when the dashboard runs)."""
-    import ray
-
     total, free = ray.cluster_resources(), ray.available_resources()
     lines = [f"CPU {total.get('CPU', 0) - free.get('CPU', 0):g} of {total.get('CPU', 0):g} in use"]
     if total.get("GPU"):
@@ -159,8 +159,6 @@ def cluster_report() -> str:
     except Exception:  # a report must not fail where the cluster tables cannot be read
         pass
     try:
-        from ray.util.state import list_actors, list_tasks
-
         waiting = Counter()
         for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=200):
             need = ", ".join(f"{k} {v:g}" for k, v in sorted((t.required_resources or {}).items()))
@@ -237,9 +235,6 @@ def check_shared_path(path: str, what: str, probe: str | None = None) -> None:
     the same on every node (NFS, a shared volume): a file here must be visible from a task on each node
     (``probe``, a file that exists, e.g. a data set's manifest; else a marker written into ``path``).
     Otherwise raise NotSharedError naming the nodes that cannot see it. One node: nothing to check."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [n for n in ray.nodes() if n["Alive"]]
     here = ray.get_runtime_context().get_node_id()
     others = [n for n in nodes if n["NodeID"] != here]

@@ -10,14 +10,15 @@ import ray
 import torch
 
 from crossvit import create_model
-from pipelines import ingest
-from pipelines.bad_samples import bad_sample_counter
 from pipelines.cluster import connect
+from pipelines.data.bad_samples import bad_sample_counter
+from pipelines.data.ingest import read_split
+from pipelines.data.prepare import prepare
+from pipelines.data.sample import SampleSpec, write_sample_dataset
 from pipelines.device import to_model_input
 from pipelines.local_s3 import local_s3
-from pipelines.sample_data import SampleSpec, write_sample_dataset
-from pipelines.shards import prepare
-from pipelines.train import TrainConfig, fit
+from pipelines.train.config import TrainConfig
+from pipelines.train.launch import fit
 
 BUCKET = "s3://crossvit-demo"
 SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
@@ -75,7 +76,7 @@ def sample_config(image_size: int, **fields) -> TrainConfig:
 def _ingest(data_uri: str, image_size: int, classes: int) -> None:
     _step("2. Ray Data streams the shards: decode + augment on CPUs, uint8 batches to the consumer")
     counter = bad_sample_counter()
-    ds = ingest.read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
+    ds = read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
     sample = sample_config(image_size)  # the same small model the training step uses
     model = create_model(sample.model, num_classes=classes, **sample.model_overrides).eval()
     n, t = 0, time.monotonic()

@@ -1,4 +1,5 @@
-"""What runs on the training device: normalisation, random erasing and Mixup/CutMix, and the GPU-decode path.
+"""What runs on the training device: normalisation (pipelines/preprocess.py), random erasing and
+Mixup/CutMix, and the GPU-decode path.
 
 Images arrive as uint8 HWC (4x less to move than float32); everything that turns them into the model's
 input happens here, on the device that runs the model. No Ray at import time: the GPU checks import this
@@ -11,11 +12,13 @@ import logging
 
 import pyarrow as pa
 import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
-from pipelines.augment import AugmentConfig, crop_box, sample_rng
+from crossvit.transforms import IMAGENET_MEAN
+from pipelines.data.augment import AugmentConfig, crop_box, rand_augment_settings, sample_rng
+from pipelines.preprocess import eval_transform_tensor, normalize
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,7 @@ def to_model_input(
     alpha is set, Mixup or CutMix (one of the two per batch, p 0.5 each), which make the targets soft
     (B, num_classes); otherwise targets stay class indices.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    x = (images.permute(0, 3, 1, 2).float() - mean) / std
+    x = normalize(images, channels_last=False)
     if train and random_erasing:
         erase = v2.RandomErasing(p=random_erasing, value="random")
         x = torch.stack([erase(img) for img in x])
@@ -88,11 +89,13 @@ def decode_on_device(
         images.append(
             _augment(img, size, augment or AugmentConfig(), sample_rng(seed, epoch, key))
             if train
-            else _evaluate(img, size)
+            else eval_transform_tensor(img, size)
         )
         kept.append(label)
     if counter is not None and failed:  # the rows were counted as seen on the CPU side already
-        from pipelines.bad_samples import report_bad_keys
+        from pipelines.data.bad_samples import (
+            report_bad_keys,  # imports Ray: only where it runs (the GPU checks run without)
+        )
 
         report_bad_keys(counter, failed)
     if not images:
@@ -106,8 +109,6 @@ def _decode_all(data: list[bytes], keys: list[str], device) -> list[torch.Tensor
     """Decode a batch: every JPEG in one ``decode_jpeg`` call (nvJPEG decodes a list as a batch on CUDA),
     other formats on the CPU. One bad JPEG fails the whole call; then each is decoded alone, so that only
     the bad one is dropped (None), with a warning naming its key."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
     buffers = [torch.frombuffer(bytearray(raw), dtype=torch.uint8) for raw in data]
     jpegs = [i for i, raw in enumerate(data) if raw[:2] == b"\xff\xd8"]
     out: list[torch.Tensor | None] = [None] * len(data)
@@ -131,20 +132,25 @@ def _decode_all(data: list[bytes], keys: list[str], device) -> list[torch.Tensor
 
 
 def _augment(img: torch.Tensor, size: int, aug: AugmentConfig, rng) -> torch.Tensor:
+    """The CPU path's augmentation on a decoded tensor. timm's RandAugment works on PIL images only, so this
+    uses torchvision's tensor RandAugment at the same magnitude (9 of timm's 10 = 27 of torchvision's 30
+    steps: 0.9 of each operation's range) and number of operations; it applies every drawn operation (timm
+    each with p 0.5), draws one magnitude per image and has no "increasing" variants. Its geometric operations
+    resample bilinearly: torchvision's tensor affine ops have no bicubic (the crop stays bicubic)."""
     top, left, h, w = crop_box(img.shape[-1], img.shape[-2], aug.scale, aug.ratio, rng)
-    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    resample = InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=resample, antialias=True)
     if aug.hflip and rng.random() < aug.hflip:
         img = TF.horizontal_flip(img)
-    if aug.rand_augment_ops:
-        # RandAugment draws its ops from torch's CPU generator: seed it for this sample (in the order the CPU
-        # path draws), and leave the training process's own stream (drop-path, Mixup/CutMix) as it was.
+    if aug.auto_augment:
+        ops, magnitude, std = rand_augment_settings(aug.auto_augment)
+        # RandAugment draws its ops from torch's CPU generator: seeded for this sample, and the training
+        # process's own stream (drop-path, Mixup/CutMix) left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(rng.getrandbits(63))
-            m = round(min(30.0, max(0.0, rng.gauss(aug.rand_augment_magnitude, aug.rand_augment_std))))
-            img = v2.RandAugment(aug.rand_augment_ops, m, interpolation=InterpolationMode.BILINEAR)(img)
+            m = round(3 * min(10.0, max(0.0, rng.gauss(magnitude, std))))
+            fill = [round(255 * c) for c in IMAGENET_MEAN]  # as timm's, the data set mean
+            img = v2.RandAugment(ops, m, num_magnitude_bins=31, interpolation=InterpolationMode.BILINEAR, fill=fill)(
+                img
+            )
     return img
-
-
-def _evaluate(img: torch.Tensor, size: int) -> torch.Tensor:
-    resized = TF.resize(img, [eval_resize_size(size)], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(resized, [size])

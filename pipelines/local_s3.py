@@ -16,6 +16,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from pipelines import storage
+
 # The local server accepts any keys; these are placeholders, not credentials.
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1"}
 
@@ -48,9 +50,7 @@ def local_s3(port: int | None = None) -> Iterator[str]:
                     raise RuntimeError("the local S3 endpoint (moto server) did not start") from None
                 time.sleep(0.2)
         os.environ.update(LOCAL_ENV, AWS_ENDPOINT_URL=endpoint)
-        from pipelines import storage
-
-        storage.s3_client.cache_clear()
+        storage.s3_client.cache_clear()  # a client made before would still point elsewhere
         yield endpoint
     finally:
         proc.terminate()

@@ -89,8 +89,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 @functools.cache
 def s3_client():
     """A boto3 S3 client (cached per process): adaptive retries with backoff on throttling."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # heavy, and not needed for local paths or by pyarrow's S3 (Ray Data, Ray Train)
+    from botocore.config import Config  # with boto3
 
     retries = {"max_attempts": _max_attempts(), "mode": os.environ.get("AWS_RETRY_MODE", "adaptive")}
     config = Config(retries=retries, connect_timeout=10, read_timeout=60)
@@ -98,7 +98,7 @@ def s3_client():
 
 
 def _s3_errors():
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # with boto3: only where S3 is used
 
     return (BotoCoreError, ClientError)
 
@@ -149,7 +149,7 @@ def upload_file(local_path: str | Path, uri: str, metadata: dict[str, str] | Non
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, dest)
         return
-    from boto3.s3.transfer import TransferConfig
+    from boto3.s3.transfer import TransferConfig  # heavy: only for uploads to S3
 
     config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=4)
     try:

@@ -195,6 +195,6 @@ def add_nodes(ray_cluster):
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory):
     """The built-in sample data set, small: 4 classes, 24 train and 6 val images each, 64 x 48 px."""
-    from pipelines.sample_data import SampleSpec, write_sample_dataset
+    from pipelines.data.sample import SampleSpec, write_sample_dataset
 
     return write_sample_dataset(tmp_path_factory.mktemp("sample") / "images", SampleSpec(4, 24, 6, 64, 48, seed=3))

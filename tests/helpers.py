@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pipelines import storage
-from pipelines.metrics import load_history
+from pipelines.train.metrics import load_history
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))  # this environment's, as a cluster user runs it
 

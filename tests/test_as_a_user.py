@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import stop_ray
 
-from pipelines.metrics import load_history
-from pipelines.shards import prepare
+from pipelines.data.prepare import prepare
+from pipelines.train.metrics import load_history
 
 pytestmark = pytest.mark.slow
 

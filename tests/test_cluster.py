@@ -10,9 +10,12 @@ import math
 import pytest
 from helpers import checkpointed, train_workers, when
 
-from pipelines.metrics import load_history
-from pipelines.shards import load_manifest, prepare
-from pipelines.train import TrainConfig, fit, lr_at
+from pipelines.data.dataset import load_manifest
+from pipelines.data.prepare import prepare
+from pipelines.train.config import TrainConfig
+from pipelines.train.launch import fit
+from pipelines.train.metrics import load_history
+from pipelines.train.optim import lr_at
 
 pytestmark = pytest.mark.slow
 

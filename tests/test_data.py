@@ -16,17 +16,24 @@ import ray
 import torch
 from PIL import Image
 
-from pipelines import augment, ingest, shards, storage
-from pipelines.augment import AugmentConfig
-from pipelines.bad_samples import BadDataError, bad_sample_counter
+from pipelines import preprocess, storage
+from pipelines.data import prepare as shards
+from pipelines.data import reader
+from pipelines.data.adopt import adopt
+from pipelines.data.augment import AugmentConfig
+from pipelines.data.bad_samples import BadDataError, bad_sample_counter
+from pipelines.data.dataset import DataSet, DatasetError, load_manifest
+from pipelines.data.ingest import read_split
+from pipelines.data.prepare import prepare
 from pipelines.device import decode_on_device, to_model_input
-from pipelines.ingest import read_split
-from pipelines.shards import DatasetError, prepare
+from pipelines.train import launch
+from pipelines.train.config import TrainConfig
+from pipelines.train.launch import fit
 
 
 def _raw_rows(uri: str, split: str) -> list[dict]:
     """Every sample of a split as (key, label, json) straight from the tars, without Ray."""
-    manifest = shards.load_manifest(uri)
+    manifest = load_manifest(uri)
     rows = []
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(storage.join(uri, shard["name"])))) as tar:
@@ -175,7 +182,7 @@ def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_i
     assert not (tmp_path / "shards" / "manifest.json").exists()
     finished_before = len(list((tmp_path / "shards" / "_progress").glob("*.json")))
     monkeypatch.setattr(shards, "write_shard", _REAL_WRITE_SHARD)
-    with caplog.at_level(logging.INFO, logger="pipelines.shards"):
+    with caplog.at_level(logging.INFO, logger="pipelines.data.prepare"):
         manifest = prepare(str(sample_images), dest, shard_size_mb=0.05, workers=1)
     planned = sum(len(s["shards"]) for s in manifest["splits"].values())
     written_before = next(r for r in caplog.messages if "already in place" in r)
@@ -267,7 +274,7 @@ def test_each_samples_augmentation_is_a_function_of_seed_epoch_and_key(ray_clust
     order the tasks deliver them); another epoch or another seed gives others, and the images are really
     augmented (not the evaluation crop)."""
     uri, _ = prepared
-    aug = AugmentConfig(scale=(0.2, 1.0), rand_augment_ops=1)
+    aug = AugmentConfig(scale=(0.2, 1.0), auto_augment="rand-m9-n1-mstd0.5-inc1")
     counter = bad_sample_counter()
     ds = read_split(uri, "train", image_size=24, train=True, seed=7, augment=aug, counter=counter)
     first = _image_multiset(_epoch(ds, counter, 3, batch_size=32))
@@ -284,15 +291,18 @@ def test_each_samples_augmentation_is_a_function_of_seed_epoch_and_key(ray_clust
 def test_a_sample_is_augmented_alike_whichever_block_and_position_it_is_decoded_in(ray_cluster, prepared):
     """The decode function on its own: the same samples decoded as one block, as two blocks, and in reverse
     order give each sample the same pixels (a generator per batch would give each the draws of its place)."""
-    from pipelines.ingest import DecodeBatch
+    from pipelines.data.ingest import DecodeBatch
 
     uri, manifest = prepared
     name = manifest["splits"]["train"]["shards"][0]["name"]
-    (block,) = ingest.read_tar(io.BytesIO(storage.read_bytes(storage.join(uri, name))), name)
+    (block,) = reader.read_tar(io.BytesIO(storage.read_bytes(storage.join(uri, name))), name)
     block = block.slice(0, 12)
     block = block.append_column("epoch", pa.array([5] * block.num_rows, pa.int64()))
+    block = block.append_column("last", pa.array([True] * block.num_rows))
     counter = bad_sample_counter()
-    decode = DecodeBatch(24, True, AugmentConfig(scale=(0.2, 1.0), rand_augment_ops=1), 4, counter, 3, False)
+    decode = DecodeBatch(
+        24, True, AugmentConfig(scale=(0.2, 1.0), auto_augment="rand-m9-n1-mstd0.5-inc1"), 4, counter, 3, False
+    )
 
     def by_key(*blocks) -> dict[str, bytes]:
         out = {}
@@ -305,6 +315,45 @@ def test_a_sample_is_augmented_alike_whichever_block_and_position_it_is_decoded_
     assert len(set(whole.values())) == 12  # distinct draws per sample
     assert by_key(block.slice(0, 5), block.slice(5)) == whole
     assert by_key(block.take(list(reversed(range(12))))) == whole
+
+
+def test_the_rand_augment_is_timms_as_deit_builds_it():
+    """DeiT passes rand-m9-mstd0.5-inc1, bicubic and colour jitter 0.3 to timm's create_transform: ours is
+    the same RandAugment (2 operations of the "increasing" set, each with p 0.5 at magnitude N(9, 0.5) of
+    10, bicubic, the data set mean as fill) and, like timm's with RandAugment on, no colour jitter."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+    from torchvision.transforms import ColorJitter
+
+    from pipelines.data.augment import rand_augment
+
+    deit = create_transform(
+        240, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", color_jitter=0.3,
+        re_prob=0.25, re_mode="pixel",
+    )  # fmt: skip
+    theirs = next(t for t in deit.transforms if isinstance(t, RandAugment))
+    ours = rand_augment(AugmentConfig().auto_augment, 240, AugmentConfig().interpolation)
+
+    def described(ra):
+        return ra.num_layers, [
+            (op.name, op.prob, op.magnitude, op.magnitude_std, op.kwargs, op.hparams) for op in ra.ops
+        ]
+
+    assert described(ours) == described(theirs)
+    assert not any(isinstance(t, ColorJitter) for t in deit.transforms) and AugmentConfig().color_jitter == 0
+    assert (AugmentConfig().scale, AugmentConfig().hflip, AugmentConfig().random_erasing) == ((0.08, 1.0), 0.5, 0.25)
+
+
+def test_posterize_at_the_top_magnitude_gives_black_not_an_error():
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10, which the magnitude noise reaches; Pillow 13
+    raises for that, and the sample would be skipped as bad. It is black, as with the Pillow DeiT used."""
+    from pipelines.data.augment import rand_augment
+
+    op = next(op for op in rand_augment("rand-m9-mstd0.5-inc1", 24, "bicubic").ops if op.name == "PosterizeIncreasing")
+    top = type(op)(op.name, prob=1.0, magnitude=10, hparams={**op.hparams, "magnitude_std": 0})
+    top.aug_fn = op.aug_fn
+    out = np.asarray(top(Image.new("RGB", (24, 24), (200, 120, 40))))
+    assert out.max() == 0
 
 
 def test_shard_order_follows_seed_and_epoch(ray_cluster, prepared):
@@ -326,7 +375,7 @@ def test_shard_order_follows_seed_and_epoch(ray_cluster, prepared):
     assert labels(False, 7, 0) == labels(False, 7, 1)  # evaluation: no reshuffling
 
 
-def test_the_eval_transform_is_resize_then_centre_crop():
+def test_the_eval_transform_is_resize_then_centre_crop_on_cpus_and_on_the_device():
     from torchvision import transforms as T
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)).filter(
@@ -334,10 +383,13 @@ def test_the_eval_transform_is_resize_then_centre_crop():
     )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    ours = augment.eval_transform(buf.getvalue(), 240)
+    ours = preprocess.eval_transform(buf.getvalue(), 240)
     ref = np.asarray(T.Compose([T.Resize(274, T.InterpolationMode.BICUBIC), T.CenterCrop(240)])(img))
     assert ours.shape == ref.shape == (240, 240, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 1.0
+    # The device path's version (images decoded by nvJPEG are tensors) gives the same pixels.
+    on_device = preprocess.eval_transform_tensor(torch.from_numpy(np.asarray(img)).permute(2, 0, 1), 240)
+    assert np.abs(on_device.permute(1, 2, 0).numpy().astype(int) - ours.astype(int)).mean() < 1.0
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -421,7 +473,8 @@ def test_bad_samples_are_skipped_counted_and_logged(ray_cluster, bad_shards):
 def test_a_retried_decode_task_counts_its_samples_once(ray_cluster, bad_shards, tmp_path):
     """The process of a read-and-decode task dies right after the task reported its block (the first time
     only): Ray runs the task again, it reports the same block again, and the counts stay exact."""
-    from pipelines.ingest import DecodeBatch, ShardDatasource
+    from pipelines.data.ingest import DecodeBatch
+    from pipelines.data.reader import ShardDatasource
 
     marker = tmp_path / "crashed"
 
@@ -434,12 +487,9 @@ def test_a_retried_decode_task_counts_its_samples_once(ray_cluster, bad_shards, 
             return out
 
     counter = bad_sample_counter(max_fraction=0.9, min_samples=1)
-    manifest = shards.load_manifest(str(bad_shards))
-    entries = manifest["splits"]["train"]["shards"]
-    expected = {s["name"]: s["samples"] for s in entries}
-    source = ShardDatasource(
-        [str(bad_shards / s["name"]) for s in entries], expected, counter=counter, seed=0, shuffle=False
-    )
+    entries = load_manifest(str(bad_shards))["splits"]["train"]["shards"]
+    shards_ = {str(bad_shards / s["name"]): (s["name"], s["samples"]) for s in entries}
+    source = ShardDatasource(shards_, counter=counter, seed=0, shuffle=False)
     decode = CrashOnce(16, False, AugmentConfig(), 2, counter, 0, False)
     ds = ray.data.read_datasource(source, override_num_blocks=3).map_batches(
         decode, batch_size=None, batch_format="pyarrow"
@@ -462,7 +512,7 @@ def test_too_many_bad_samples_stop_the_job(ray_cluster, bad_shards):
 
 def _rows_of(path: Path, expected: int | None = None) -> list[dict]:
     with path.open("rb") as f:
-        return [r for b in ingest.read_tar(f, ingest.shard_name(str(path)), expected) for r in b.to_pylist()]
+        return [r for b in reader.read_tar(f, f"train/{path.name}", expected) for r in b.to_pylist()]
 
 
 def test_a_truncated_tar_keeps_the_samples_before_the_break_and_counts_the_rest(bad_shards, tmp_path):
@@ -589,3 +639,149 @@ def test_tiny_images_are_kept(tmp_path):
     Image.new("RGB", (4, 4), "red").save(tmp_path / "src" / "dot" / "tiny.jpg", format="JPEG")
     manifest = prepare(str(tmp_path / "src"), str(tmp_path / "out"), workers=1)
     assert manifest["splits"]["train"]["samples"] == 1 and manifest["skipped"] == []
+
+
+# ---------------------------------------------------------------------------------------------- adopt
+
+
+@pytest.fixture(scope="module")
+def foreign_corpus(s3_endpoint, sample_images, tmp_path_factory) -> dict:
+    """Shards written by webdataset's ShardWriter the way other tools write ImageNet: keys like
+    s0001_00012, the image as .jpeg and the label in .json, shards named imagenet1k-train-0000.tar, ... in
+    another bucket; the last training shard cut off in the middle, as an interrupted upload leaves it."""
+    import webdataset as wds
+
+    local = tmp_path_factory.mktemp("foreign")
+    for split, count in (("train", 25), ("validation", 100)):
+        with wds.ShardWriter(str(local / f"imagenet1k-{split}-%04d.tar"), maxcount=count) as sink:
+            for label, folder in enumerate(sorted((sample_images / split.replace("idation", "")).iterdir())):
+                for path in sorted(folder.iterdir()):
+                    sink.write({"__key__": path.stem, "jpeg": path.read_bytes(), "json": {"label": label}})
+    train = sorted(local.glob("imagenet1k-train-*.tar"))
+    cut = train[-1].read_bytes()
+    train[-1].write_bytes(cut[: len(cut) // 2])
+    storage.ensure_bucket("s3://corpora")
+    for path in sorted(local.glob("*.tar")):
+        storage.upload_file(path, f"s3://corpora/imagenet1k/{path.name}")
+    (local / "classes.txt").write_text("red circle\ngreen square\nblue triangle\nyellow cross\n")
+    return {
+        "train": f"s3://corpora/imagenet1k/imagenet1k-train-{{0000..{len(train) - 1:04d}}}.tar",
+        "val": "s3://corpora/imagenet1k/imagenet1k-validation-0000.tar",
+        "classes": str(local / "classes.txt"),
+        "broken": f"s3://corpora/imagenet1k/{train[-1].name}",
+        "shards": len(train),
+    }
+
+
+@pytest.fixture(scope="module")
+def adopted(ray_cluster, foreign_corpus) -> tuple[str, dict]:
+    dest = "s3://datasets/adopted"
+    splits = {"train": foreign_corpus["train"], "val": foreign_corpus["val"]}
+    return dest, adopt(splits, dest, foreign_corpus["classes"])
+
+
+def test_a_corpus_made_elsewhere_is_adopted_where_it_is(adopted, foreign_corpus):
+    dest, manifest = adopted
+    train = manifest["splits"]["train"]
+    assert [s["uri"] for s in train["shards"]] == [
+        f"s3://corpora/imagenet1k/imagenet1k-train-{i:04d}.tar" for i in range(foreign_corpus["shards"])
+    ]  # the brace pattern, expanded; nothing copied
+    assert not storage.list_files(dest, suffix=".tar")
+    whole = train["shards"][:-1]
+    assert all(s["samples"] == 25 for s in whole) and 0 < train["samples"] - 25 * len(whole) < 25
+    broken = train["shards"][-1]
+    assert broken["samples"] is None and "truncated" in broken["error"]
+    assert [p["path"] for p in manifest["skipped"]] == [foreign_corpus["broken"]]  # reported, not fatal
+    assert manifest["splits"]["val"]["samples"] == 24
+    assert [c["name"] for c in manifest["classes"]] == ["red circle", "green square", "blue triangle", "yellow cross"]
+    data = storage.read_bytes(whole[0]["uri"])
+    assert __import__("hashlib").sha256(data).hexdigest() == whole[0]["sha256"] and len(data) == whole[0]["bytes"]
+
+
+def test_adopting_again_reads_nothing_while_the_shards_are_unchanged(adopted, foreign_corpus, monkeypatch):
+    from pipelines.data import adopt as adopt_module
+
+    dest, manifest = adopted
+    monkeypatch.setattr(adopt_module, "survey_shard", lambda uri: pytest.fail(f"read {uri} again"))
+    splits = {"train": foreign_corpus["train"], "val": foreign_corpus["val"]}
+    assert adopt_module.adopt(splits, dest, foreign_corpus["classes"]) == manifest
+
+
+def test_an_adopted_corpus_reads_like_our_own_and_counts_its_broken_shard(adopted, foreign_corpus):
+    dest, manifest = adopted
+    counter = bad_sample_counter(max_fraction=0.5, min_samples=1)
+    ds = read_split(dest, "train", image_size=16, train=False, counter=counter)
+    labels = _labels(ds)
+    assert len(labels) == manifest["splits"]["train"]["samples"] - 1  # the sample the break cut
+    counts = ray.get(counter.counts.remote())
+    assert counts["bad"] == 1 and counts["examples"][0].startswith(foreign_corpus["broken"] + "#truncated-after-")
+
+
+def test_training_runs_on_an_adopted_corpus(adopted, tmp_path):
+    """An epoch of training on the adopted shards where they lie, their break counted as one bad sample
+    (within the run's limit), every validation image evaluated."""
+    dest, _ = adopted
+    cfg = TrainConfig.from_yaml("jobs/configs/sample.yaml", data=dest, storage=str(tmp_path), name="adopted",
+                                epochs=1, batch_size=16, num_workers=1, max_bad_fraction=0.05)  # fmt: skip
+    result = fit(cfg)
+    assert result.error is None and result.metrics["val_samples"] == 24
+
+
+def test_a_shard_that_cannot_be_opened_is_reported_and_left_out(adopted, foreign_corpus, sample_images, tmp_path):
+    """A brace range wider than what exists (or a shard one may not read): the adopt reports it and adopts
+    the rest. A changed classes file is read again; a prepared data set is never overwritten by an adopt."""
+    last = foreign_corpus["shards"]
+    wider = foreign_corpus["train"].replace(f"{last - 1:04d}}}", f"{last:04d}}}")
+    manifest = adopt({"train": wider, "val": foreign_corpus["val"]}, "s3://datasets/adopted-wider")
+    missing = f"s3://corpora/imagenet1k/imagenet1k-train-{last:04d}.tar"
+    assert missing not in [s["uri"] for s in manifest["splits"]["train"]["shards"]]
+    assert [p["path"] for p in manifest["skipped"] if "cannot open" in p["reason"]] == [missing]
+    assert [c["name"] for c in manifest["classes"]] == ["0", "1", "2", "3"]  # from the label range
+
+    dest, _ = adopted
+    classes = Path(foreign_corpus["classes"])
+    original = classes.read_text()
+    splits = {"train": foreign_corpus["train"], "val": foreign_corpus["val"]}
+    try:
+        classes.write_text("a\nb\nc\nd\n")  # the same file, corrected
+        assert [c["name"] for c in adopt(splits, dest, str(classes))["classes"]] == ["a", "b", "c", "d"]
+    finally:
+        classes.write_text(original)
+        adopt(splits, dest, str(classes))  # as the other tests of this module expect it
+
+    ours = tmp_path / "ours"
+    prepare(str(sample_images), str(ours))
+    with pytest.raises(DatasetError, match="holds a data set made by prepare_data"):
+        adopt(splits, str(ours))
+
+
+def test_fit_reads_the_data_set_once_and_hands_the_object_down(prepared, ray_cluster, tmp_path, monkeypatch):
+    """fit loads the manifest once and gives every split the DataSet object (stopped before training)."""
+    uri, _ = prepared
+    reads, handed = [], []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u: (reads.append(u), real_read(u))[1])
+
+    class Enough(Exception):
+        pass
+
+    def read_split(data, split, **_):
+        handed.append((split, data))
+        raise Enough
+
+    monkeypatch.setattr(launch, "read_split", read_split)
+    cfg = TrainConfig.from_yaml("jobs/configs/sample.yaml", data=uri, storage=str(tmp_path), name="once")
+    with pytest.raises(Enough):
+        fit(cfg)
+    assert [u for u in reads if u.endswith("manifest.json")] == [storage.join(uri, "manifest.json")]
+    assert handed and all(isinstance(data, DataSet) for _, data in handed)
+
+
+def test_a_data_set_is_read_once_and_handed_down(prepared, ray_cluster, monkeypatch):
+    uri, _ = prepared
+    data = DataSet.load(uri)
+    real_read = storage.read_bytes
+    monkeypatch.setattr(
+        storage, "read_bytes", lambda u: pytest.fail(f"read {u} again") if u.endswith("manifest.json") else real_read(u)
+    )
+    assert len(_labels(read_split(data, "val", image_size=16, train=False))) == 24

@@ -7,8 +7,9 @@ import pytest
 import ray
 
 from pipelines.cluster import NotSharedError, ResourcePlanError, check_shared_path, plan_training_cpus
-from pipelines.shards import prepare
-from pipelines.train import TrainConfig, fit
+from pipelines.data.prepare import prepare
+from pipelines.train.config import TrainConfig
+from pipelines.train.launch import fit
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines import storage
-from pipelines.metrics import COLUMNS
+from pipelines.train.metrics import COLUMNS
 
 SCALARS = [c for c in COLUMNS if c not in ("epoch", "step", "resumed")]  # the epoch is the step
 
@@ -34,7 +34,7 @@ class Trackers:
             self._tb_dir = tempfile.TemporaryDirectory(prefix="crossvit-tb-")
             self._tb = SummaryWriter(self._tb_dir.name)
         if mlflow_tracking_uri:
-            from ray.air.integrations.mlflow import setup_mlflow
+            from ray.air.integrations.mlflow import setup_mlflow  # optional: needs the mlflow package
 
             self._mlflow = setup_mlflow(
                 config=_flat(config),

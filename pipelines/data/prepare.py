@@ -29,7 +29,6 @@ import os
 import random
 import re
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -37,8 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from webdataset import TarWriter
 
 from pipelines import storage
+from pipelines.data.dataset import DatasetError, existing_manifest
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ FORMAT = "crossvit-ray/webdataset-v1"
 FINGERPRINT_METHOD = "sha256 over (path, label, content sha256) of every sample"
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # written as they are; the rest become PNG
 WNID = re.compile(r"^n\d{8}$")
-
-
-class DatasetError(ValueError):
-    """The source or the destination is not usable as it is; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -183,13 +180,19 @@ def class_names(root: Path, classes: list[str]) -> list[str]:
     if mapping.is_file():
         pairs = dict(line.split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
         return [pairs.get(w, w).strip() for w in classes]
-    if len(classes) == 1000 and all(WNID.match(w) for w in classes):
-        from timm.data import ImageNetInfo
+    return imagenet_names(classes) or list(classes)
 
-        info = ImageNetInfo("imagenet-1k")
-        if set(classes) == set(info.label_names()):
-            return [info.label_name_to_description(w) for w in classes]
-    return list(classes)
+
+def imagenet_names(wnids: list[str]) -> list[str] | None:
+    """ImageNet-1k's names for its 1000 wnids (timm's ImageNetInfo holds both), or None for any other set."""
+    if len(wnids) != 1000 or not all(WNID.match(w) for w in wnids):
+        return None
+    from timm.data import ImageNetInfo  # its class tables are read from files: only when they can apply
+
+    info = ImageNetInfo("imagenet-1k")
+    if set(wnids) != set(info.label_names()):
+        return None
+    return [info.label_name_to_description(w) for w in wnids]
 
 
 def plan_shards(splits: dict[str, list[Item]], shard_size_mb: float, seed: int) -> list[ShardPlan]:
@@ -235,12 +238,6 @@ def encode_image(data: bytes) -> tuple[bytes, str]:
         return out.getvalue(), "png"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed owner, mode and date: the same input gives the same bytes
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 _progress = None  # a shared counter of images done, set in each worker
 
 
@@ -258,7 +255,8 @@ def write_shard(plan: ShardPlan, source: str, dest: str) -> ShardResult:
     samples = 0
     with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
         path = Path(tmp) / "shard.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        # webdataset's writer, with a fixed owner, mode and date: the same input gives the same bytes.
+        with TarWriter(str(path), user="", group="", mode=0o644, mtime=0, encoder=False) as tar:
             for item in plan.items:
                 try:
                     raw = (root / item.relpath).read_bytes()
@@ -276,9 +274,7 @@ def write_shard(plan: ShardPlan, source: str, dest: str) -> ShardResult:
                 else:
                     key = f"{plan.split}-{plan.index:06d}-{samples:06d}"
                     meta = json.dumps({"wnid": item.wnid, "path": item.relpath, "label": item.label}).encode()
-                    _add(tar, f"{key}.cls", str(item.label).encode())
-                    _add(tar, f"{key}.{ext}", data)
-                    _add(tar, f"{key}.json", meta)
+                    tar.write({"__key__": key, "cls": str(item.label).encode(), ext: data, "json": meta})
                     samples += 1
                 if _progress is not None:
                     with _progress.get_lock():
@@ -369,10 +365,7 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
     plans = plan_shards(splits, shard_size_mb, seed)
     storage.ensure_bucket(dest)
     manifest_uri = storage.join(dest, "manifest.json")
-    try:
-        existing = json.loads(storage.read_bytes(manifest_uri))
-    except FileNotFoundError:
-        existing = None
+    existing = existing_manifest(dest)
     records = _load_records(dest, plans, workers)
     recorded = [p for p in plans if p.name in records]
     with ThreadPoolExecutor(max(4, workers)) as pool:  # a copied tree is hashed again: in parallel
@@ -457,10 +450,3 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
 def _show_progress(done: int, total: int, seconds: float) -> None:
     rate = done / seconds if seconds > 0 else 0.0
     print(f"\r  {done}/{total} images  {rate:,.0f} img/s", end="", file=sys.stderr, flush=True)
-
-
-def load_manifest(dest: str) -> dict:
-    try:
-        return json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
-    except FileNotFoundError:
-        raise DatasetError(f"{dest} has no manifest.json: run python -m jobs.prepare_data first") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import uuid
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 class BadDataError(RuntimeError):
@@ -92,8 +93,6 @@ def bad_sample_counter(max_fraction: float = 0.01, min_samples: int = 100):
     that creates it, the driver's, so losing a worker node (a spot preemption) does not take it away. With
     a soft affinity Ray may place it on any node, and the node-loss tests saw it go down with a worker
     node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return BadSampleCounter.options(name=f"bad-samples-{uuid.uuid4().hex[:12]}", scheduling_strategy=here).remote(
         max_fraction, min_samples

@@ -1,0 +1,79 @@
+"""The evaluation preprocessing, written once for training's evaluation, Serve and batch labeling, so that
+they cannot drift apart: decode -> resize the short side to size / crop_pct (bicubic) -> centre crop ->
+normalise with the ImageNet mean and std.
+
+The first three steps run on CPUs (``eval_transform``: image bytes -> uint8 HWC), or on the device for
+images decoded there (``eval_transform_tensor``), the last on the model's device (``normalize``: uint8 NHWC
+-> float NCHW), so that images travel as uint8, 4x less than float32.
+``open_image`` refuses an image whose header declares more than ``max_pixels`` before anything is
+decoded (a decompression bomb is a small file that decodes to gigabytes).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+MAX_PIXELS = 64_000_000  # 64 megapixels: far above any photo worth classifying, far below a bomb
+
+
+class ImageTooLargeError(ValueError):
+    """The image declares more pixels than allowed."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open (not decode) an image, checking its declared size first. Raises what Pillow raises for bytes
+    that are no image it reads (PIL.UnidentifiedImageError), and ImageTooLargeError."""
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > max_pixels:
+        raise ImageTooLargeError(f"{img.width}x{img.height} pixels is more than the {max_pixels:,} allowed")
+    return img
+
+
+def open_reduced(data: bytes, need_w: float, need_h: float, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
+    """Decode an image as RGB, a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least
+    need_w x need_h in original pixels' terms (no detail the output could hold is lost); returns the image
+    and its scale relative to the original."""
+    img = open_image(data, max_pixels)
+    width = img.width
+    if img.format == "JPEG":
+        img.draft("RGB", (math.ceil(need_w), math.ceil(need_h)))
+    img = img.convert("RGB")
+    return img, img.width / width
+
+
+def eval_transform(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Resize the short side to size / crop_pct (bicubic), centre-crop size x size -> uint8 HWC. One
+    resample from the (reduced) decode to the crop, as torchvision's Resize + CenterCrop would give."""
+    with open_image(data, max_pixels) as probe:
+        W, H = probe.size
+    factor = eval_resize_size(size) / min(W, H)
+    img, scale = open_reduced(data, W * min(1.0, factor), H * min(1.0, factor), max_pixels)
+    new_w, new_h = round(W * factor), round(H * factor)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)  # as torchvision's CenterCrop
+    k = scale / factor  # the crop box in decoded pixels
+    box = (left * k, top * k, (left + size) * k, (top + size) * k)
+    return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+
+
+def eval_transform_tensor(img: torch.Tensor, size: int) -> torch.Tensor:
+    """``eval_transform`` on an image decoded on a device (uint8 CHW, e.g. by nvJPEG): the same resize of
+    the short side (bicubic, antialiased) and centre crop, with torchvision's tensor ops -> uint8 CHW."""
+    resized = TF.resize(img, [eval_resize_size(size)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(resized, [size])
+
+
+def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device -> float (B, 3, H, W), normalised with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    x = (images.permute(0, 3, 1, 2).float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
