@@ -8,7 +8,11 @@ EVAL_CROP_PCT_408 = 1.0  # the 408 px models were fine-tuned and are evaluated w
 INTERPOLATION = "bicubic"
 
 
+def eval_crop_pct(img_size: int) -> float:
+    """The fraction of the resized short side that the centre crop keeps."""
+    return EVAL_CROP_PCT_408 if img_size >= 384 else EVAL_CROP_PCT
+
+
 def eval_resize_size(img_size: int) -> int:
     """Short-side size before the centre crop."""
-    crop_pct = EVAL_CROP_PCT_408 if img_size >= 384 else EVAL_CROP_PCT
-    return int(img_size / crop_pct)
+    return int(img_size / eval_crop_pct(img_size))

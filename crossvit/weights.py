@@ -131,11 +131,15 @@ def load_weights(
     return model
 
 
-def load_model(path: str | Path) -> CrossViT:
-    """Rebuild a model from a file written by ``save_weights``: its config travels in the header."""
+def saved_config(path: str | Path) -> CrossViTConfig:
+    """The model config in the header of a file written by ``save_weights``."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "crossvit_config" not in meta:
         raise WeightsMismatchError(f"{path} carries no crossvit_config; build the model and use load_weights")
-    model = CrossViT(CrossViTConfig.from_dict(json.loads(meta["crossvit_config"])))
-    return load_weights(model, path)
+    return CrossViTConfig.from_dict(json.loads(meta["crossvit_config"]))
+
+
+def load_model(path: str | Path) -> CrossViT:
+    """Rebuild a model from a file written by ``save_weights``: its config travels in the header."""
+    return load_weights(CrossViT(saved_config(path)), path)

@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import ray
+import requests
 import torch
+from ray import serve
 
 from crossvit import create_model
 from pipelines.cluster import connect
@@ -16,12 +18,17 @@ from pipelines.data.ingest import read_split
 from pipelines.data.prepare import prepare
 from pipelines.data.sample import SampleSpec, write_sample_dataset
 from pipelines.device import to_model_input
-from pipelines.local_s3 import local_s3
+from pipelines.local_s3 import free_port, local_s3
+from pipelines.registry.promote import promote
+from pipelines.registry.store import Registry
+from pipelines.serve.deploy import deploy, load_serve_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 
 BUCKET = "s3://crossvit-demo"
+REGISTRY = f"{BUCKET}/registry"
 SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve.yaml"
 
 
 def _step(title: str) -> None:
@@ -41,7 +48,10 @@ def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, i
             data_uri = _prepare(workdir, classes, train_per_class, val_per_class)
             _ingest(data_uri, image_size, classes)
             _train(data_uri, epochs, image_size, classes)
+            _promote()
+            _serve(workdir / "sample" / "val")
         finally:
+            serve.delete("crossvit")  # the demo's application only, on a shared cluster too
             ray.shutdown()
 
 
@@ -117,3 +127,28 @@ def _train(data_uri: str, epochs: int, image_size: int, classes: int) -> None:
     )
     print(f"checkpoint: s3://{result.checkpoint.path}")
     print(f"metrics: {BUCKET}/runs/sample/metrics.json (.csv), curves: {BUCKET}/runs/sample/curves.png")
+
+
+def _promote() -> None:
+    _step("4. the model registry: the run's best checkpoint becomes version 1 of 'sample', alias production")
+    version, record = promote(f"{BUCKET}/runs/sample", REGISTRY, "sample")
+    print(
+        f"registered {REGISTRY}/sample/versions/{version.number}/ (weights.safetensors, model.json) from "
+        f"{version.meta['source']['checkpoint']}, top-1 {version.top1:.1f}%; production -> version {record['version']}"
+    )
+    print(Registry(REGISTRY).table("sample"))
+
+
+def _serve(val_images: Path) -> None:
+    _step("5. Ray Serve: the production version over HTTP (infra/serve.yaml), a few validation images")
+    t = time.monotonic()
+    config = load_serve_config(SERVE_CONFIG)
+    url = deploy(config, {"registry": REGISTRY, "model": "sample", "request_log_level": "WARNING"}, port=free_port())
+    print(f"serving at {url}/v1/classify ({time.monotonic() - t:.0f} s to deploy)")
+    folders = sorted(p for p in val_images.iterdir() if p.is_dir())
+    for folder in folders[:4]:
+        image = sorted(folder.iterdir())[0]
+        answer = requests.post(f"{url}/v1/classify", params={"top_k": 3}, data=image.read_bytes(), timeout=60).json()
+        guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
+        print(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
+    print(f"curl -X POST --data-binary @image.jpg '{url}/v1/classify?top_k=5'  # while it runs")

@@ -22,7 +22,8 @@ from pipelines import storage
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for the S3 endpoint, Serve's HTTP proxy, a test cluster)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -31,7 +32,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def local_s3(port: int | None = None) -> Iterator[str]:
     """Start moto's S3 server on 127.0.0.1, export AWS_ENDPOINT_URL and keys, yield the endpoint URL."""
-    port = port or _free_port()
+    port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -32,7 +32,10 @@ class ImageTooLargeError(ValueError):
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open (not decode) an image, checking its declared size first. Raises what Pillow raises for bytes
     that are no image it reads (PIL.UnidentifiedImageError), and ImageTooLargeError."""
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's own limit (about 179 megapixels) came first
+        raise ImageTooLargeError(f"{e} (more than the {max_pixels:,} allowed)") from None
     if img.width * img.height > max_pixels:
         raise ImageTooLargeError(f"{img.width}x{img.height} pixels is more than the {max_pixels:,} allowed")
     return img

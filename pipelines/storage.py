@@ -13,9 +13,12 @@ MinIO or any S3-compatible store. boto3 reads AWS_ENDPOINT_URL itself; pyarrow d
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -211,3 +214,104 @@ def ensure_bucket(uri: str) -> None:
             client.create_bucket(Bucket=loc.bucket)
         except _s3_errors() as e:
             raise StorageError(f"cannot create bucket {loc.bucket}: {e}") from None
+
+
+# Compare-and-swap, for the registry: a version number is claimed by creating its marker only if it does not
+# exist, and an alias moves only if nobody moved it since it was read. On S3 these are conditional writes
+# (If-None-Match: *, If-Match: <etag>), which AWS S3, MinIO and recent S3-compatible stores honour; boto3's
+# managed transfer does not pass them, so these are single put_object calls (small JSON). On a local path,
+# O_CREAT|O_EXCL is the atomic primitive: rename alone would let two writers both "win".
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the object exists already, or changed since it was read."""
+
+
+class LockHeld(PreconditionFailed):
+    """A local path's lock file exists: another writer is at work, or a killed one left it (named)."""
+
+
+def _precondition_failed(err: Exception) -> bool:
+    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+    status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
+
+
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Write ``uri`` only if nothing is there; PreconditionFailed if something is."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        # Written whole under another name, then linked into place: link() fails if the name exists, so the
+        # create is exclusive, and no reader ever sees a partly written file.
+        path = Path(loc.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-") as f:
+            f.write(data)
+            f.flush()
+            os.chmod(f.name, 0o644)
+            try:
+                os.link(f.name, path)
+            except FileExistsError:
+                raise PreconditionFailed(f"{uri} exists already") from None
+        return
+    try:
+        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+    except _s3_errors() as e:
+        if _precondition_failed(e):
+            raise PreconditionFailed(f"{uri} exists already") from None
+        raise StorageError(f"cannot write {uri}: {e}") from None
+
+
+def read_tagged(uri: str) -> tuple[bytes, str] | None:
+    """An object's content and a tag that changes whenever it is replaced (the S3 ETag; a local file's
+    sha256), or None if there is none."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        try:
+            data = Path(loc.key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+    try:
+        r = s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+        return r["Body"].read(), r["ETag"]
+    except _s3_errors() as e:
+        if _not_found(e):
+            return None
+        raise StorageError(f"cannot read {uri}: {e}") from None
+
+
+def replace_if(uri: str, data: bytes, tag: str | None) -> None:
+    """Write ``uri`` only if it still has ``tag`` (None: only if it does not exist); PreconditionFailed if
+    someone else wrote it in between. Local paths: a lock file created exclusively serialises writers, and
+    the tag is checked under it; a lock left by a killed writer is named in the error."""
+    if tag is None:
+        return create_exclusive(uri, data)
+    loc = parse(uri)
+    if loc.is_s3:
+        try:
+            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=tag)
+        except _s3_errors() as e:
+            if _precondition_failed(e) or _not_found(e):
+                raise PreconditionFailed(f"{uri} changed since it was read") from None
+            raise StorageError(f"cannot write {uri}: {e}") from None
+        return
+    lock = Path(loc.key + ".lock")
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        held = lock.read_text(errors="replace").strip() if lock.exists() else "?"
+        raise LockHeld(
+            f"{uri} is being changed by another writer: {lock} exists ({held}); if that writer no longer runs, "
+            "it was killed while writing: delete the lock file"
+        ) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        current = read_tagged(uri)
+        if current is None or current[1] != tag:
+            raise PreconditionFailed(f"{uri} changed since it was read")
+        write_bytes(uri, data)
+    finally:
+        lock.unlink(missing_ok=True)

@@ -74,9 +74,9 @@ def ray_cluster(s3_endpoint):
     Ray's default 15 s, so that the node-loss tests do not wait on it."""
     import ray
 
-    from pipelines.local_s3 import _free_port
+    from pipelines.local_s3 import free_port
 
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     # Submitted jobs run `python ...` from the PATH the head node was started with: this environment's.
     env = {
         **os.environ,

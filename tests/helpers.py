@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import torch
+
+from crossvit import CrossViT
 from pipelines import storage
-from pipelines.train.metrics import load_history
+from pipelines.checkpoint import save_checkpoint
+from pipelines.train.config import TrainConfig
+from pipelines.train.metrics import load_history, record_epoch
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))  # this environment's, as a cluster user runs it
 
@@ -69,3 +76,23 @@ def when(condition, action, timeout: float = 600) -> threading.Thread:
     thread.result = None
     thread.start()
     return thread
+
+
+def write_run(run_uri: str, top1s: list[float | None], classes: list[dict], seed: int = 0, data: str = "") -> None:
+    """A training run's folder as training writes it (checkpoint_*/ with the real checkpoint format, and
+    the run's metrics.json), for models that need no training: epoch i has validation top-1 ``top1s[i]``
+    (None: not evaluated) and weights drawn from ``seed + i``."""
+    cfg = TrainConfig.from_yaml(Path(__file__).parent.parent / "jobs/configs/sample.yaml", data=data or "s3://x/y")
+    record = {"cfg": cfg.to_dict(), "classes": classes, "train_samples": 96, "data_fingerprint": "f" * 64}
+    for epoch, top1 in enumerate(top1s):
+        torch.manual_seed(seed + epoch)
+        model = CrossViT(dataclasses.replace(cfg.model_config(), num_classes=len(classes)))
+        optimizer = torch.optim.AdamW(model.parameters())
+        top5 = None if top1 is None else min(100.0, top1 + 10)
+        metrics = {"epoch": epoch, "step": epoch + 1, "lr": 1e-3, "train_loss": 1.0, "val_loss": None,
+                   "val_top1": top1, "val_top5": top5, "val_samples": 24}  # fmt: skip
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d), model, optimizer, record, metrics)
+            for f in Path(d).iterdir():
+                storage.upload_file(f, storage.join(run_uri, f"checkpoint_{epoch:06d}", f.name))
+        record_epoch(run_uri, metrics)

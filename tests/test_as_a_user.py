@@ -3,20 +3,27 @@ cluster given. Each test runs a Ray of its own in a temp dir of its own, so that
 session's cluster (a driver with no address joins any local cluster it finds through Ray's temp dir) nor
 stops it (``ray stop`` stops every Ray on the machine): it stops only what it started."""
 
+import io
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import stop_ray
+import requests
+from helpers import stop_ray, write_run
+from PIL import Image
 
 from pipelines.data.prepare import prepare
+from pipelines.local_s3 import free_port
+from pipelines.registry.promote import promote
 from pipelines.train.metrics import load_history
 
 pytestmark = pytest.mark.slow
@@ -116,6 +123,44 @@ def test_the_demo_runs_with_another_class_count(user_env):
     out = subprocess.run([*cmd, "--epochs", "1"], cwd=REPO, env=user_env, capture_output=True, text=True, timeout=420)
     assert out.returncode == 0, _tail(out)
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
+    assert "production -> version 1" in out.stdout  # promoted into the registry
+    assert len(re.findall(r"POST .*\.JPEG -> .*\(version 1\)", out.stdout)) == 4  # and classified over HTTP
+
+
+def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
+    """`python -m jobs.serve` with no Ray running: its own Ray with the machine's CPUs, the application of
+    infra/serve.yaml, answers over HTTP, and Ctrl-C stops it."""
+    classes = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
+    write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
+    promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
+    port = free_port()
+    cmd = [sys.executable, "-m", "jobs.serve", "--registry", str(tmp_path / "registry"), "--model", "tiny"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, env=user_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines = []
+        deadline = threading.Timer(300, proc.kill)  # never wait forever for the "serving" line
+        deadline.daemon = True
+        deadline.start()
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving tiny:production at" in line:
+                break
+        else:
+            pytest.fail("".join(lines[-40:]))
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "red").save(buf, format="JPEG")
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=buf.getvalue(), timeout=60).json()
+        assert answer["version"] == 1 and len(answer["labels"]) == 4
+    finally:
+        deadline.cancel()
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0
 
 
 def test_demo_arguments_are_checked_before_anything_starts(capsys):

@@ -215,11 +215,11 @@ def test_the_training_loss_is_averaged_over_every_rank():
     rank 0's 2 (two real processes in a gloo group, as Ray Train's workers are)."""
     import torch.multiprocessing as mp
 
-    from pipelines.local_s3 import _free_port
+    from pipelines.local_s3 import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_sum_in_a_process_group, args=(r, 2, port, out)) for r in range(2)]
     for proc in procs:
         proc.start()

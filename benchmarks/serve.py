@@ -1,0 +1,169 @@
+"""Online serving throughput and latency: the Serve application under closed-loop HTTP load, against the same
+model's raw batched images/s in-process (already-decoded tensors, the same batch size), in one run.
+
+    python -m benchmarks.serve                               # crossvit_tiny_240 at 240 px, 500x375 JPEGs
+    python -m benchmarks.serve --model sample                # the sample recipe's 48 px model
+
+The application is deployed from infra/serve.yaml with one replica given every core of this machine (the
+raw figure uses them all too). Each concurrency level (1, 8, 32, 64 clients, each sending its next request
+when the last is answered) runs for --seconds; we print requests/s, p50/p95/p99 latency and errors per
+level, the best served images/s over the levels against raw, and p50 at concurrency 1 against the model's
+single-image latency. Goals: served >= 0.7 raw at saturation; p50 at 1 <= single-image latency + 10 ms;
+zero errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from ray import serve
+
+import crossvit
+from crossvit.model import resolve_name
+from crossvit.weights import save_weights
+from pipelines.data.sample import draw_sample
+from pipelines.local_s3 import free_port
+from pipelines.preprocess import eval_transform, normalize
+from pipelines.registry.store import Registry, version_meta
+from pipelines.serve.deploy import deploy, load_serve_config
+from pipelines.train.config import TrainConfig
+
+
+def model_config(name: str) -> crossvit.CrossViTConfig:
+    if name == "sample":
+        return dataclasses.replace(TrainConfig.from_yaml("jobs/configs/sample.yaml").model_config(), num_classes=4)
+    return crossvit.VARIANTS[resolve_name(name)]
+
+
+def register(root: str, config: crossvit.CrossViTConfig) -> None:
+    """An untrained model of ``config`` as version 1 of "bench", aliased production (weights do not change
+    the speed)."""
+    model = crossvit.CrossViT(config)
+    classes = [{"index": i, "wnid": str(i), "name": f"class {i}"} for i in range(config.num_classes)]
+    reg = Registry(root)
+    with tempfile.TemporaryDirectory() as d:
+        save_weights(model, Path(d, "w.safetensors"))
+        meta = version_meta("-", "-", {"classes": classes}, {}, config.to_dict())
+        version = reg.register("bench", Path(d, "w.safetensors"), meta)
+    reg.move_alias("bench", "production", version.number, expected=(None, None), why="benchmark")
+
+
+def raw_rates(config: crossvit.CrossViTConfig, batch: int, rounds: int = 5) -> tuple[float, float]:
+    """(images/s at ``batch``, seconds for one image) of the model in this process on decoded uint8 images,
+    as a replica runs it (normalise, inference mode), with every core."""
+    torch.set_num_threads(os.cpu_count())
+    model = crossvit.CrossViT(config).eval()
+    size = config.img_size
+    images = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8)
+
+    def run(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            model(normalize(x, channels_last=False)).softmax(-1)
+
+    run(images)
+    batched, single = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(images)
+        batched.append(batch / (time.perf_counter() - start))
+        start = time.perf_counter()
+        run(images[:1])
+        single.append(time.perf_counter() - start)
+    return statistics.median(batched), statistics.median(single)
+
+
+def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    """Closed-loop load: ``clients`` threads, each sending its next request when the last is answered."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        i = k
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            try:
+                r = session.post(f"{url}/v1/classify", data=bodies[i % len(bodies)], timeout=120)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors.append(str(r.status_code))
+            except requests.RequestException as e:
+                errors.append(type(e).__name__)
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - began
+    q = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
+    return {"clients": clients, "rps": len(latencies) / took, "p50": q[0], "p95": q[1], "p99": q[2], "errors": errors}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="crossvit_tiny_240", help="a variant name, or 'sample'")
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--config", default="infra/serve.yaml")
+    args = p.parse_args()
+    config = model_config(args.model)
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(32):  # ImageNet-like requests: 500x375 JPEGs, quality 90
+        buf = io.BytesIO()
+        draw_sample(i % 4, 4, 500, 375, rng).save(buf, format="JPEG", quality=90)
+        bodies.append(buf.getvalue())
+
+    serve_config = load_serve_config(args.config)
+    (options,) = serve_config["applications"][0]["deployments"]
+    options["ray_actor_options"]["num_cpus"] = os.cpu_count()
+    options.pop("autoscaling_config", None)
+    options["num_replicas"] = 1
+    batch = serve_config["applications"][0]["args"]["max_batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        register(f"{tmp}/registry", config)
+        url = deploy(serve_config, {"registry": f"{tmp}/registry", "model": "bench"}, port=free_port())
+        for body in bodies[:4]:  # warm up: the first requests build the pools
+            requests.post(f"{url}/v1/classify", data=body, timeout=120).raise_for_status()
+        levels = [load(url, bodies, int(c), args.seconds) for c in args.concurrency.split(",")]
+        serve.shutdown()
+    raw, single = raw_rates(config, batch)
+    decode = statistics.median(_timed(lambda b=b: eval_transform(b, config.img_size)) for b in bodies)
+
+    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, 500x375 JPEG requests, batch {batch}")
+    print(f"raw in-process: {raw:.1f} img/s batched, {1000 * single:.1f} ms for one image; "
+          f"decode + preprocess {1000 * decode:.1f} ms per image per core")  # fmt: skip
+    print("clients   req/s    p50 ms   p95 ms   p99 ms   errors")
+    for lv in levels:
+        row = f"{lv['clients']:7d} {lv['rps']:7.1f} {lv['p50']:8.1f} {lv['p95']:8.1f} {lv['p99']:8.1f}"
+        print(f"{row} {len(lv['errors']):8d}")
+    best = max(lv["rps"] for lv in levels)
+    print(f"served/raw at saturation = {best / raw:.2f} (goal >= 0.7)")
+    print(f"p50 at 1 client - single-image latency = {levels[0]['p50'] - 1000 * single:.1f} ms (goal <= 10 ms)")
+    print(f"errors: {sum(len(lv['errors']) for lv in levels)} (goal 0)")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

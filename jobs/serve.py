@@ -1,0 +1,57 @@
+"""Serve a registered model over HTTP with Ray Serve, on this machine or the cluster it belongs to:
+
+    python -m jobs.serve --registry s3://bucket/registry --model crossvit-small [--alias production] [--port 8000]
+
+The same application and settings as `serve run infra/serve.yaml` / `serve deploy infra/serve.yaml`
+(--config names another profile, e.g. infra/serve-gpu.yaml): this reads that file and deploys it with the
+registry, model and alias given here. Starts its own Ray if none is running; serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ray import serve
+
+from pipelines.cluster import ResourcePlanError
+from pipelines.serve.deploy import deploy, load_serve_config
+
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve.yaml"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--registry", required=True, help="the registry's root (URI)")
+    p.add_argument("--model", required=True, help="the registered model's name")
+    p.add_argument("--alias", default="production", help="the alias to serve and follow")
+    p.add_argument("--version", type=int, help="serve this version instead, and follow no alias")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept requests from other machines")
+    p.add_argument("--config", default=str(SERVE_CONFIG), help="the Serve config whose settings to use")
+    p.add_argument(
+        "--skip-resource-check",
+        action="store_true",
+        help="deploy even if no node can hold a replica now (a cluster whose autoscaler adds nodes)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_serve_config(args.config)
+    settings = {"registry": args.registry, "model": args.model, "alias": args.alias, "version": args.version}
+    try:
+        url = deploy(config, settings, host=args.host, port=args.port, check_resources=not args.skip_resource_check)
+    except ResourcePlanError as e:
+        raise SystemExit(f"cannot serve: {e}") from None
+    print(f"serving {args.model}:{args.alias if args.version is None else args.version} at {url}/v1/classify "
+          "(Ctrl-C to stop)", flush=True)  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(config["applications"][0]["name"])  # this application only: others on the cluster stay
+
+
+if __name__ == "__main__":
+    main()
