@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(config["applications"][0]["name"])  # this application only: others on the cluster stay
+        # This application only (others on a shared cluster stay), bounded: a stop must not hang on a busy
+        # cluster. A local Ray this process started goes down with it (ray.shutdown at exit).
+        stopping = threading.Thread(target=serve.delete, args=(config["applications"][0]["name"],), daemon=True)
+        stopping.start()
+        stopping.join(timeout=30)
+        print("stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
         deadline.cancel()
         proc.send_signal(signal.SIGINT)
         try:
-            code = proc.wait(timeout=120)
+            code = proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise

@@ -453,7 +453,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster,
 def _ray_job(ray_cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real CLI against the session's head (token authentication on, as `ray start` left it)."""
     cmd = [RAY_CLI, "job", *args[:1], "--address", ray_cluster["dashboard"], *args[1:]]
-    for _ in range(12):  # a head node just started may not have its job agent yet: "try again later"
+    for _ in range(36):  # a head node just started, or busy, may not have its job agent yet: "try again later"
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         if "No available agent to submit job" not in out.stdout + out.stderr:
             return out
