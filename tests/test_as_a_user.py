@@ -127,6 +127,11 @@ def test_the_demo_runs_with_another_class_count(user_env):
     assert len(re.findall(r"POST .*\.JPEG -> .*\(version 1\)", out.stdout)) == 4  # and classified over HTTP
 
 
+@pytest.mark.xfail(
+    reason="issue 10 is open: passes alone and in this file locally, but failed twice in CI's full runs "
+    "(the process did not end within the wait after Ctrl-C); not yet diagnosed",
+    strict=False,
+)
 def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
     """`python -m jobs.serve` with no Ray running: its own Ray with the machine's CPUs, the application of
     infra/serve.yaml, answers over HTTP, and Ctrl-C stops it."""
