@@ -281,10 +281,10 @@ def read_tagged(uri: str) -> tuple[bytes, str] | None:
         raise StorageError(f"cannot read {uri}: {e}") from None
 
 
-def replace_if(uri: str, data: bytes, tag: str | None) -> None:
+def replace_if(uri: str, data: bytes, tag: str | None, *, lock_wait_s: float = 5.0) -> None:
     """Write ``uri`` only if it still has ``tag`` (None: only if it does not exist); PreconditionFailed if
     someone else wrote it in between. Local paths: a lock file created exclusively serialises writers, and
-    the tag is checked under it; a lock left by a killed writer is named in the error."""
+    the tag is checked under it; a lock held past ``lock_wait_s`` (left by a killed writer) is named in the error."""
     if tag is None:
         return create_exclusive(uri, data)
     loc = parse(uri)
@@ -297,14 +297,22 @@ def replace_if(uri: str, data: bytes, tag: str | None) -> None:
             raise StorageError(f"cannot write {uri}: {e}") from None
         return
     lock = Path(loc.key + ".lock")
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        held = lock.read_text(errors="replace").strip() if lock.exists() else "?"
-        raise LockHeld(
-            f"{uri} is being changed by another writer: {lock} exists ({held}); if that writer no longer runs, "
-            "it was killed while writing: delete the lock file"
-        ) from None
+    # A live writer holds the lock for milliseconds (read, compare, write): wait that out, so that a
+    # concurrent writer gets the honest answer (PreconditionFailed) rather than a busy signal.
+    deadline = time.monotonic() + lock_wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            held = lock.read_text(errors="replace").strip() if lock.exists() else "?"
+            raise LockHeld(
+                f"{uri} is being changed by another writer: {lock} exists ({held}) since over {lock_wait_s:g} s; "
+                "if that writer no longer runs, it was killed while writing: delete the lock file"
+            ) from None
     try:
         with os.fdopen(fd, "w") as f:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

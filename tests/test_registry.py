@@ -182,9 +182,17 @@ def test_a_version_number_is_claimed_once_and_a_left_lock_is_named(runs, root):
         return
     promote(runs["a"], root, "tiny")
     lock = Path(root, "tiny", "aliases", "production.json.lock")
+    # A live writer's lock (released 0.3 s later) is waited out: the answer is the comparison's, not "busy".
+    _, tag = Registry(root).read_alias("tiny", "production")
+    lock.write_text("pid 1 on here since now")
+    threading.Timer(0.3, lock.unlink).start()
+    with pytest.raises(storage.PreconditionFailed) as refused:
+        storage.replace_if(storage.join(root, "tiny", "aliases", "production.json"), b"{}", "stale-tag")
+    assert not isinstance(refused.value, storage.LockHeld) and not lock.exists()
     lock.write_text("pid 1 on elsewhere since then")
     with pytest.raises(RegistryError, match=r"production.json.lock exists \(pid 1 on elsewhere"):
         promote(runs["b"], root, "tiny")
+    assert Registry(root).read_alias("tiny", "production")[1] == tag  # neither refused write touched it
 
 
 def test_fresh_evaluation_on_the_same_data_decides_the_gate(runs, ray_cluster, sample_images, tmp_path):
