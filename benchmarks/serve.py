@@ -9,7 +9,8 @@ raw figure uses them all too). Each concurrency level (1, 8, 32, 64 clients, eac
 when the last is answered) runs for --seconds; we print requests/s, p50/p95/p99 latency and errors per
 level, the best served images/s over the levels against raw, and p50 at concurrency 1 against the model's
 single-image latency. Goals: served >= 0.7 raw at saturation; p50 at 1 <= single-image latency + 10 ms;
-zero errors.
+zero errors. The local Ray gets Serve's fast path (pipelines.cluster.SERVE_ENV: HAProxy ingress, throughput
+mode); --without-fast-path measures Serve's own Python proxy instead.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def register(root: str, config: crossvit.CrossViTConfig) -> None:
     reg.move_alias("bench", "production", version.number, expected=(None, None), why="benchmark")
 
 
-def raw_rates(config: crossvit.CrossViTConfig, batch: int, rounds: int = 5) -> tuple[float, float]:
-    """(images/s at ``batch``, seconds for one image) of the model in this process on decoded uint8 images,
-    as a replica runs it (normalise, inference mode), with every core."""
+def raw_rates(config: crossvit.CrossViTConfig, batch: int, rounds: int = 5) -> tuple[list[float], list[float]]:
+    """(images/s at ``batch``, seconds for one image) per round, of the model in this process on decoded
+    uint8 images, as a replica runs it (normalise, inference mode), with every core."""
     torch.set_num_threads(os.cpu_count())
     model = crossvit.CrossViT(config).eval()
     size = config.img_size
@@ -80,13 +81,14 @@ def raw_rates(config: crossvit.CrossViTConfig, batch: int, rounds: int = 5) -> t
         start = time.perf_counter()
         run(images[:1])
         single.append(time.perf_counter() - start)
-    return statistics.median(batched), statistics.median(single)
+    return batched, single
 
 
 def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
     """Closed-loop load: ``clients`` threads, each sending its next request when the last is answered."""
     latencies: list[float] = []
     errors: list[str] = []
+    batches: list[int] = []  # images in the model call that answered each request
     stop = time.monotonic() + seconds
 
     def client(k: int) -> None:
@@ -98,6 +100,7 @@ def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
                 r = session.post(f"{url}/v1/classify", data=bodies[i % len(bodies)], timeout=120)
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - start)
+                    batches.append(r.json()["batch"])
                 else:
                     errors.append(str(r.status_code))
             except requests.RequestException as e:
@@ -112,7 +115,15 @@ def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
         t.join()
     took = time.monotonic() - began
     q = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
-    return {"clients": clients, "rps": len(latencies) / took, "p50": q[0], "p95": q[1], "p99": q[2], "errors": errors}
+    return {
+        "clients": clients,
+        "rps": len(latencies) / took,
+        "p50": q[0],
+        "p95": q[1],
+        "p99": q[2],
+        "errors": errors,
+        "batch": statistics.median(batches) if batches else 0,
+    }
 
 
 def main() -> None:
@@ -121,7 +132,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--config", default="infra/serve.yaml")
+    p.add_argument("--without-fast-path", action="store_true", help="Serve's Python proxy, not SERVE_ENV's")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="application settings to override")
     args = p.parse_args()
+    if any("=" not in kv for kv in args.set):
+        p.error("--set takes KEY=VALUE pairs, e.g. --set max_batch_size=32")
+    if args.without_fast_path:  # read when the local Ray starts (in deploy)
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="0", RAY_SERVE_THROUGHPUT_OPTIMIZED="0")
     config = model_config(args.model)
     rng = np.random.default_rng(0)
     bodies = []
@@ -136,23 +153,28 @@ def main() -> None:
     options.pop("autoscaling_config", None)
     options["num_replicas"] = 1
     batch = serve_config["applications"][0]["args"]["max_batch_size"]
+    before = raw_rates(config, batch)  # measured before and after serving: this machine's speed drifts
     with tempfile.TemporaryDirectory() as tmp:
         register(f"{tmp}/registry", config)
-        url = deploy(serve_config, {"registry": f"{tmp}/registry", "model": "bench"}, port=free_port())
+        settings = {"registry": f"{tmp}/registry", "model": "bench", **dict(kv.split("=", 1) for kv in args.set)}
+        url = deploy(serve_config, settings, port=free_port())
         for body in bodies[:4]:  # warm up: the first requests build the pools
             requests.post(f"{url}/v1/classify", data=body, timeout=120).raise_for_status()
         levels = [load(url, bodies, int(c), args.seconds) for c in args.concurrency.split(",")]
         serve.shutdown()
-    raw, single = raw_rates(config, batch)
+    after = raw_rates(config, batch)
+    raw, single = statistics.median(before[0] + after[0]), statistics.median(before[1] + after[1])
     decode = statistics.median(_timed(lambda b=b: eval_transform(b, config.img_size)) for b in bodies)
 
-    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, 500x375 JPEG requests, batch {batch}")
+    ingress = "Serve's Python proxy" if args.without_fast_path else "HAProxy + throughput mode"
+    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, 500x375 JPEG requests, batch {batch}, "
+          f"{ingress}")  # fmt: skip
     print(f"raw in-process: {raw:.1f} img/s batched, {1000 * single:.1f} ms for one image; "
           f"decode + preprocess {1000 * decode:.1f} ms per image per core")  # fmt: skip
-    print("clients   req/s    p50 ms   p95 ms   p99 ms   errors")
+    print("clients   req/s    p50 ms   p95 ms   p99 ms   errors  batch p50")
     for lv in levels:
         row = f"{lv['clients']:7d} {lv['rps']:7.1f} {lv['p50']:8.1f} {lv['p95']:8.1f} {lv['p99']:8.1f}"
-        print(f"{row} {len(lv['errors']):8d}")
+        print(f"{row} {len(lv['errors']):8d} {lv['batch']:10g}")
     best = max(lv["rps"] for lv in levels)
     print(f"served/raw at saturation = {best / raw:.2f} (goal >= 0.7)")
     print(f"p50 at 1 client - single-image latency = {levels[0]['p50'] - 1000 * single:.1f} ms (goal <= 10 ms)")

@@ -74,15 +74,18 @@ def ray_cluster(s3_endpoint):
     Ray's default 15 s, so that the node-loss tests do not wait on it."""
     import ray
 
+    from pipelines.cluster import SERVE_ENV
     from pipelines.local_s3 import free_port
 
     port, dashboard_port = free_port(), free_port()
     # Submitted jobs run `python ...` from the PATH the head node was started with: this environment's.
     env = {
+        **SERVE_ENV,
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **FAST_NODE_FAILURE_DETECTION,
-        # Keep idle worker processes, as pipelines.cluster.connect does for a local cluster (see there).
+        # Keep idle worker processes and take Serve's fast path, as pipelines.cluster.connect does for a
+        # local cluster (see there): the tests exercise the Serve configuration the product starts.
         "RAY_num_workers_soft_limit": "16",
     }
     subprocess.run(

@@ -212,6 +212,14 @@ def test_fresh_evaluation_on_the_same_data_decides_the_gate(runs, ray_cluster, s
     assert evaluation["data_fingerprint"] == manifest["fingerprint"] and version.number == 2
     with pytest.raises(RegistryError, match="classes are not those of"):
         promote(runs["a"], root, "tiny", eval_data=data, force=True)
+    # The current version is damaged after registration: the gate cannot evaluate it and says so; --force
+    # replaces it (the evaluation records why the current one has no figure).
+    storage.write_bytes(Registry(root).get("tiny", 2).weights_uri, b"damaged")
+    with pytest.raises(RegistryError, match=r"tiny:production \(version 2\) does not load.*--force to replace it"):
+        promote("s3://runs-test/d", root, "tiny", eval_data=data)
+    version, record = promote("s3://runs-test/d", root, "tiny", eval_data=data, force=True)
+    assert version.number == 3 and record["version"] == 3
+    assert "ChecksumError" in record["history"][-1]["evaluation"]["current_error"]
 
 
 def test_the_promote_job_as_a_user_runs_it(runs, tmp_path):

@@ -27,7 +27,7 @@ from ray.serve.schema import ServeDeploySchema
 from ray.util.state import list_actors
 
 from pipelines import storage
-from pipelines.cluster import ResourcePlanError
+from pipelines.cluster import SERVE_ENV, ResourcePlanError
 from pipelines.data.sample import draw_sample
 from pipelines.local_s3 import free_port
 from pipelines.preprocess import eval_transform, normalize
@@ -79,6 +79,14 @@ def test_the_serve_configs_pass_serves_schema_and_differ_only_in_resources():
     for config in (cpu, gpu):
         config["applications"][0]["deployments"][0].pop("ray_actor_options")
     assert cpu == gpu
+
+
+def test_serves_fast_path_is_started_as_documented():
+    """The variables that local clusters get (pipelines.cluster.SERVE_ENV, which the session cluster here
+    starts with too) are the ones the README and both Serve configs tell cluster users to set."""
+    line = " ".join(f"{k}={v}" for k, v in SERVE_ENV.items())
+    for doc in ("README.md", "infra/serve.yaml", "infra/serve-gpu.yaml"):
+        assert f"{line} ray start" in Path(doc).read_text(), doc
 
 
 def test_replicas_that_cannot_be_placed_are_an_error_before_deploying():
@@ -297,11 +305,14 @@ def test_an_overloaded_deployment_answers_503_with_retry_after_at_once(app):
     (options,) = config["applications"][0]["deployments"]
     options.update(max_ongoing_requests=1, max_queued_requests=1)
     options["autoscaling_config"].update(max_replicas=1)
-    slow = {"registry": ROOT, "model": "tiny", "batch_wait_timeout_s": 0.5, "max_batch_size": 64}
-    url = deploy(config, slow, port=app["port"])
+    url = deploy(config, {"registry": ROOT, "model": "tiny"}, port=app["port"])
+    ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
+    buf = io.BytesIO()  # a 3000 x 3000 PNG (60 KB): about 0.15 s to decode, so requests pile up
+    Image.fromarray(np.stack([np.add.outer(ramp, ramp) // 2] * 3, -1).astype(np.uint8)).save(buf, format="PNG")
+    slow = buf.getvalue()
     try:
         with ThreadPoolExecutor(8) as pool:
-            timed = list(pool.map(lambda _: (time.monotonic(), classify(url, jpeg(0)), time.monotonic()), range(8)))
+            timed = list(pool.map(lambda _: (time.monotonic(), classify(url, slow), time.monotonic()), range(8)))
         refused = [(r, end - start) for start, r, end in timed if r.status_code == 503]
         assert refused and any(r.status_code == 200 for _, r, _ in timed)
         assert all(r.headers["Retry-After"] == "1" and took < 2 for r, took in refused)

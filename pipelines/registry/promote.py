@@ -105,10 +105,23 @@ def promote(
             data = DataSet.load(eval_data)
             fresh = load_model(weights).eval()
             candidate_top1 = fresh_top1(fresh, candidate.record["classes"], data, eval_split, config.img_size)
+            problem = None
             if current:
-                current_top1 = fresh_top1(reg.load(current), current.classes, data, eval_split, current.image_size)
+                try:
+                    served = reg.load(current)
+                except Exception as e:  # damaged or gone: it must not block its own replacement under --force
+                    if not force:
+                        raise RegistryError(
+                            f"{model}:{alias} (version {current.number}) does not load, so it cannot be evaluated "
+                            f"for the gate ({type(e).__name__}: {e}); --force to replace it"
+                        ) from None
+                    current_top1, problem = None, f"{type(e).__name__}: {e}"
+                else:
+                    current_top1 = fresh_top1(served, current.classes, data, eval_split, current.image_size)
             evaluation = {"data": eval_data, "split": eval_split, "candidate_top1": candidate_top1,
                           "current_top1": current_top1, "data_fingerprint": data.fingerprint}  # fmt: skip
+            if problem:
+                evaluation["current_error"] = problem
 
         if not force:
             if min_top1 is not None and candidate_top1 < min_top1:

@@ -198,8 +198,8 @@ class Registry:
         storage.write_bytes(storage.join(uri, "model.json"), json.dumps(full, indent=1).encode())
         return ModelVersion(model, number, uri, full)
 
-    def load(self, version: ModelVersion, device: str | torch.device = "cpu") -> crossvit.CrossViT:
-        """The version's model in eval mode on ``device``, after checking its weights' sha256."""
+    def read_weights(self, version: ModelVersion) -> bytes:
+        """The version's safetensors file, after checking its sha256."""
         data = storage.read_bytes(version.weights_uri)
         expected = version.meta["weights"]["sha256"]
         actual = hashlib.sha256(data).hexdigest()
@@ -208,6 +208,13 @@ class Registry:
                 f"{version.weights_uri}: sha256 {actual[:16]}... is not the registered {expected[:16]}...; "
                 "the file was changed or damaged after registration"
             )
+        return data
+
+    def load(
+        self, version: ModelVersion, device: str | torch.device = "cpu", data: bytes | None = None
+    ) -> crossvit.CrossViT:
+        """The version's model in eval mode on ``device``, from ``data`` (read_weights' bytes) if given."""
+        data = self.read_weights(version) if data is None else data
         model = crossvit.CrossViT(crossvit.CrossViTConfig.from_dict(version.meta["config"]))
         load_weights(model, safetensors.torch.load(data))
         return model.eval().to(device)

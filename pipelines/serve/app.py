@@ -9,10 +9,12 @@ Routes:
   /v1/admin/reload``: check the alias now.
 
 Each replica decodes and preprocesses on a thread pool (Pillow releases the GIL) with the evaluation
-preprocessing that training used (pipelines/preprocess.py), groups concurrent requests into batches with
-``@serve.batch``, and runs the model on one thread of its own (``torch.inference_mode``, bf16 autocast on a
-GPU). A watcher thread follows the registry: when the alias moves, the new version is loaded and checked
-beside the old one, then swapped in with one reference assignment, so no request fails or sees a half-loaded
+preprocessing that training used (pipelines/preprocess.py), groups the requests that arrive while the model
+is busy into its next batch (pipelines/serve/batching.py says why not ``@serve.batch``), and runs every torch
+op on one thread of its own (``torch.inference_mode``, bf16 autocast on a GPU). A watcher thread follows the
+registry: when the alias moves, the new version is read and checked beside the served one, built and warmed
+up on the model thread between its batches (a pause of one batch or so; ``compile: true`` pauses serving for
+the compilation), then swapped in with one reference assignment, so no request fails or sees a half-loaded
 model; a batch in flight finishes on the model it started with. Serve's ``reconfigure`` is not used for
 this: it takes the replica out of routing while it runs, and a load takes seconds.
 
@@ -46,6 +48,7 @@ from starlette.requests import Request as StarletteRequest
 
 from pipelines.preprocess import ImageTooLargeError, eval_transform, normalize, open_image
 from pipelines.registry.store import ModelVersion, Registry
+from pipelines.serve.batching import Batcher
 
 log = logging.getLogger("ray.serve.crossvit")  # under Serve's logger: into the replica's log files
 
@@ -62,8 +65,8 @@ class ServeSettings:
     alias: str = "production"
     version: int | None = None  # serve this version and follow no alias
     poll_interval_s: float = 10.0  # how often each replica checks the alias
-    max_batch_size: int = 16  # @serve.batch: the most images per model call
-    batch_wait_timeout_s: float = 0.005  # and how long a batch waits to fill
+    max_batch_size: int = 16  # the most images per model call
+    batch_wait_timeout_s: float = 0.005  # the most a batch waits for requests still being decoded
     max_body_bytes: int = 25 * 2**20
     max_pixels: int = 64_000_000  # checked from the header, before decoding
     max_batch_images: int = 16  # images in one /v1/classify/batch request
@@ -153,9 +156,14 @@ class Classifier:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; torch's intra-op threads follow it, and so does
         # the decode pool, so the replica uses the cores it was given and no more.
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        torch.set_num_threads(cpus)
         self.decode_pool = ThreadPoolExecutor(s.decode_threads or cpus, thread_name_prefix="decode")
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        # Every torch op runs on this one thread, loads and warm-ups included: each thread that runs a
+        # parallel op gets an OpenMP team of its own, and with more team threads than cores OpenMP stops
+        # spinning between ops; two such threads made crossvit_tiny_240's forward 53 ms instead of 30 on 2
+        # cores (benchmarks/RESULTS.md).
+        self.model_thread = ThreadPoolExecutor(
+            1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(cpus,)
+        )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.registry = Registry(s.registry)
         self.token = self._token()
@@ -164,13 +172,15 @@ class Classifier:
         self.current: Loaded = self._first_load()
         self.last_check = time.time()
         self.started = self.checks = 0  # alias checks begun / the last one finished (see reload)
-        self._infer.set_max_batch_size(s.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batcher = Batcher(self._infer, s.max_batch_size, s.batch_wait_timeout_s)
         self.requests = metrics.Counter(
             "crossvit_requests", description="Requests by route and outcome", tag_keys=("route", "outcome")
         )
         self.images = metrics.Counter(
             "crossvit_images_classified", description="Images classified, by version", tag_keys=("version",)
+        )
+        self.batch_sizes = metrics.Histogram(
+            "crossvit_batch_images", description="Images per model call", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
         self._check_now = threading.Event()
         self._checked = threading.Condition()
@@ -206,13 +216,15 @@ class Classifier:
         raise RuntimeError(f"no version of {s.model}:{s.alias}'s lineage {record['lineage']} loads: {self.last_error}")
 
     def _load(self, version: ModelVersion) -> Loaded:
-        """Load, check and warm up a version (on the caller's thread; the served one keeps serving)."""
-        model = self.registry.load(version, self.device)
+        """Read and check a version's weights on the caller's thread; build it and warm it up on the model
+        thread, one step at a time, so that the served version's batches run in between."""
+        data = self.registry.read_weights(version)
+        model = self.model_thread.submit(self.registry.load, version, self.device, data).result()
         if self.settings.compile:
-            model = torch.compile(model)
+            model = torch.compile(model)  # compiles at the first call: the warm-ups below
         loaded = Loaded(version, model, self.device)
-        for n in {1, self.settings.max_batch_size}:  # compile (both shapes) and allocate before serving
-            loaded.forward(np.zeros((n, loaded.size, loaded.size, 3), np.uint8))
+        for n in sorted({1, self.settings.max_batch_size}):  # both shapes, allocated before serving
+            self.model_thread.submit(loaded.forward, np.zeros((n, loaded.size, loaded.size, 3), np.uint8)).result()
         return loaded
 
     def _follow(self) -> None:
@@ -241,11 +253,12 @@ class Classifier:
                 self._checked.notify_all()
 
     def check_health(self) -> None:
-        """Serve's health check: a served model, and a live watcher when following an alias."""
+        """Serve's health check: a live watcher when following an alias, and a live batcher."""
         if self.settings.version is None and not self.watcher.is_alive():
             raise RuntimeError("the registry watcher died")
+        if self.batcher.failure:
+            raise RuntimeError(f"the batcher failed: {self.batcher.failure}")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _infer(self, items: list[tuple[np.ndarray, Loaded]]) -> list[tuple[np.ndarray, int]]:
         """(probabilities, images in the model call) per request: one call per version in the batch (a swap
         between requests may mix two)."""
@@ -257,6 +270,7 @@ class Classifier:
             for i, p in zip(index, probs):
                 out[i] = (p, len(index))
             self.images.inc(len(index), tags={"version": str(loaded.version.number)})
+            self.batch_sizes.observe(len(index))
         return out
 
     # -- request handling ---------------------------------------------------------------------------------
@@ -298,10 +312,13 @@ class Classifier:
             form = await StarletteRequest(request.scope, replay).form(max_files=limit, max_fields=limit)
         except Exception as e:  # starlette raises several types for malformed forms
             raise ClientError(400, f"malformed multipart form: {e}") from None
-        files = form.getlist("image")
-        if not files:
-            raise ClientError(400, "the form has no 'image' field")
-        return [await f.read() if hasattr(f, "read") else str(f).encode() for f in files]
+        try:
+            files = form.getlist("image")
+            if not files:
+                raise ClientError(400, "the form has no 'image' field")
+            return [await f.read() if hasattr(f, "read") else str(f).encode() for f in files]
+        finally:
+            await form.close()  # the parts' spooled temporary files
 
     def _preprocess(self, data: bytes, size: int) -> np.ndarray:
         if not data:
@@ -320,8 +337,12 @@ class Classifier:
 
     async def _classify(self, data: bytes, top_k: int) -> dict:
         loaded = self.current
-        array = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._preprocess, data, loaded.size)
-        probs, batch = await self._infer((array, loaded))
+        decoding = asyncio.get_running_loop().run_in_executor(self.decode_pool, self._preprocess, data, loaded.size)
+
+        async def prepare() -> tuple[np.ndarray, Loaded]:
+            return await decoding, loaded
+
+        probs, batch = await self.batcher.submit(prepare())
         top = np.argsort(-probs)[:top_k]
         return {
             "model": loaded.version.model,
