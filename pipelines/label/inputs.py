@@ -1,0 +1,164 @@
+"""What a labeling job reads: the inputs a user names, resolved into units (a tar shard or an image file),
+and the Ray Data datasource that turns units into rows of raw bytes, one row per input image.
+
+``--input`` may be
+- a prepared or adopted data set (a folder or prefix with manifest.json): its shards, one split or all;
+- WebDataset shards made by other tools: a folder or prefix of ``.tar`` files, or a brace pattern such as
+  ``s3://b/p/shard-{000000..000127}.tar``;
+- a folder or prefix of image files (jpg, jpeg, png, webp), recursively;
+- a list of image URIs: a Parquet or CSV file (a ``path`` or ``uri`` column, else the first column) or a
+  text file (one per line).
+
+Every row carries ``path``, the input's identity in the output: the image's URI, or the shard's URI + ``#``
++ the sample key. It is unique per input, so it is also the id by which a resumed job knows what is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from braceexpand import braceexpand  # webdataset's own dependency, for its brace patterns
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipelines import storage
+from pipelines.data.dataset import DataSet, DatasetError
+from pipelines.data.reader import IMAGE_SUFFIXES, read_tar
+
+LIST_SUFFIXES = (".parquet", ".csv", ".txt")
+IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
+
+SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("error", pa.string())])
+
+
+class InputError(ValueError):
+    """The input names nothing that can be labeled; the message says what was looked for."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to read: a tar shard (``expected`` samples, if a manifest says) or an image file."""
+
+    uri: str
+    kind: str  # "tar" | "image"
+    expected: int | None = None
+
+
+def resolve(spec: str, split: str | None = None) -> list[Unit]:
+    """The units ``spec`` names (see the module's docstring), in a stable order."""
+    if "{" in spec and "}" in spec:
+        units = [Unit(u, "tar") for u in braceexpand(spec)]
+        missing = [u.uri for u in units if not storage.exists(u.uri)]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(units)} shards of {spec} do not exist, e.g. {missing[0]}")
+        return units
+    if storage.exists(storage.join(spec, "manifest.json")):
+        data = DataSet.load(spec)
+        try:
+            splits = [split] if split else data.splits
+            return [Unit(s.uri, "tar", s.samples) for name in splits for s in data.shards(name)]
+        except DatasetError as e:
+            raise InputError(str(e)) from None
+    if spec.lower().endswith(LIST_SUFFIXES) and storage.exists(spec):
+        return [Unit(u, "image") for u in read_list(spec)]
+    if split:
+        raise InputError(f"--split {split}: {spec} is no prepared data set (no manifest.json)")
+    files = storage.list_files(spec)
+    tars = [f for f in files if f.lower().endswith(".tar")]
+    if tars:
+        return [Unit(f, "tar") for f in tars]
+    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise InputError(
+            f"{spec} holds no manifest.json, no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}); "
+            "a list of image URIs must end in .parquet, .csv or .txt"
+        )
+    return [Unit(f, "image") for f in images]
+
+
+def read_list(uri: str) -> list[str]:
+    """Image URIs from a Parquet, CSV or text file."""
+    data = storage.read_bytes(uri)
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        column = next((c for c in ("path", "uri") if c in table.column_names), table.column_names[0])
+        values = table.column(column).to_pylist()
+    elif lower.endswith(".csv"):
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        index = next((header.index(c) for c in ("path", "uri") if c in header), None)
+        values = [r[index or 0] for r in rows[1 if index is not None else 0 :] if r]
+    else:
+        values = data.decode().splitlines()
+    uris = [v.strip() for v in values if v and v.strip()]
+    if not uris:
+        raise InputError(f"{uri} lists no image URIs")
+    return uris
+
+
+def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
+    try:
+        stream = io.BytesIO(storage.read_bytes(unit.uri))
+    except (FileNotFoundError, storage.StorageError) as e:
+        yield pa.Table.from_pylist([{"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"}],
+                                   schema=SCHEMA)  # fmt: skip
+        return
+    for block in read_tar(stream, unit.uri, unit.expected):
+        rows = []
+        for key, image, label, error in zip(*(block.column(c).to_pylist() for c in ("key", "image", "label", "error"))):
+            if error is not None and image is not None:  # a label problem: labeling needs no label
+                error = None
+            rows.append({"path": f"{unit.uri}#{key}", "image": image, "label": None if label < 0 else label,
+                         "error": error})  # fmt: skip
+        yield pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
+    rows = []
+    for unit in units:
+        try:
+            rows.append({"path": unit.uri, "image": storage.read_bytes(unit.uri), "label": None, "error": None})
+        except (FileNotFoundError, storage.StorageError, OSError) as e:
+            rows.append({"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"})
+    yield pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+class InputDatasource(Datasource):
+    """Units -> rows (path, image bytes, label or null, error or null): one read task per shard or per
+    IMAGES_PER_TASK image files. Never fails a read for bad data; storage that cannot be reached is an
+    error row per input, so a rerun picks it up."""
+
+    def __init__(self, units: list[Unit]):
+        super().__init__()
+        self.units = units
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    @property
+    def num_tasks(self) -> int:
+        """Read tasks: one per shard, one per IMAGES_PER_TASK image files (``override_num_blocks`` takes
+        this, so that Ray neither splits the reads nor keeps them from fusing with the decode)."""
+        images = sum(u.kind == "image" for u in self.units)
+        return max(1, len(self.units) - images + -(-images // IMAGES_PER_TASK))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        tasks = []
+        images = [u for u in self.units if u.kind == "image"]
+        for unit in (u for u in self.units if u.kind == "tar"):
+            meta = BlockMetadata(num_rows=unit.expected, size_bytes=None, input_files=[unit.uri], exec_stats=None)
+            tasks.append(ReadTask(lambda u=unit: _tar_rows(u), meta, SCHEMA))
+        for i in range(0, len(images), IMAGES_PER_TASK):
+            group = images[i : i + IMAGES_PER_TASK]
+            meta = BlockMetadata(num_rows=len(group), size_bytes=None, input_files=None, exec_stats=None)
+            tasks.append(ReadTask(lambda g=group: _image_rows(g), meta, SCHEMA))
+        return tasks
+
+    def get_name(self) -> str:
+        return "LabelInputs"

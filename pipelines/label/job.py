@@ -1,0 +1,236 @@
+"""Offline batch labeling with Ray Data: inputs -> decode (CPU tasks) -> a registered model (an autoscaling
+actor pool, the model loaded once per actor) -> Parquet, streaming end to end, one row per input.
+
+    result = label(LabelConfig(input="s3://b/images/", output="s3://b/labels/run1",
+                               registry="s3://b/registry", model="crossvit-small"))
+
+Rows: ``path``, ``labels`` / ``names`` / ``probs`` (top-k), ``model``, ``version``, ``error`` (null when
+labeled), ``label`` (the input's own label, where it has one: data sets and shards), and with
+``embeddings`` the pooled features the head sees (both branches' CLS tokens, float16).
+
+Resumable with Ray Data's checkpointing (``CheckpointConfig``, id column ``path``): each write task records
+the ids it wrote, first as pending, then committed once its Parquet file is written; a rerun of the same
+command drops the committed ids right after the read (before decoding) and deletes a pending task's file,
+so the output ends with exactly one row per input. The checkpoint is kept after success, so a finished job
+run again writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+import torch
+from ray.data.checkpoint import CheckpointConfig
+
+from pipelines import storage
+from pipelines.cluster import ResourcePlanError, connect
+from pipelines.label.inputs import InputDatasource, resolve
+from pipelines.preprocess import MAX_PIXELS, eval_transform, normalize
+from pipelines.registry.store import Registry
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
+
+
+@dataclass
+class LabelConfig:
+    input: str
+    output: str
+    registry: str
+    model: str
+    alias: str = "production"
+    version: int | None = None  # this version instead of the alias's
+    split: str | None = None  # of a prepared data set; None: all
+    top_k: int = 5
+    batch_size: int = 64  # images per model call
+    replicas: tuple[int, int] = (1, 1)  # the model's actor pool, min and max
+    use_gpu: bool = False
+    embeddings: bool = False
+    max_pixels: int = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """CPUs per decode task and per model actor."""
+
+    decode_cpus: float
+    actor_cpus: float
+
+    def describe(self, cluster_cpus: float, replicas: tuple[int, int], resuming: bool) -> str:
+        return (
+            f"CPU plan: {cluster_cpus:g} CPUs; up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} "
+            f"each, decode tasks {self.decode_cpus:g} each"
+            + (", 1 for Ray Data's checkpoint filter (resuming)" if resuming else "")
+        )
+
+
+def plan_label_cpus(cluster_cpus: float, replicas: tuple[int, int], use_gpu: bool, resuming: bool) -> LabelPlan:
+    """The model's actors and the decode tasks share the CPUs; a resumed run also has Ray Data's checkpoint
+    filter (an actor of 1 CPU, which Ray does not let us change). What the actors reserve is lowered so that
+    a decode task always fits, or it is an error with the numbers: never a pipeline waiting forever."""
+    filter_cpus = 1.0 if resuming else 0.0
+    wanted = 0.0 if use_gpu else 1.0
+    decode = 1.0 if cluster_cpus - filter_cpus - replicas[1] * wanted >= 1 else 0.5
+    spare = cluster_cpus - filter_cpus - decode
+    actor = wanted if replicas[1] * wanted <= spare else math.floor(100 * spare / replicas[1]) / 100
+    if not use_gpu and actor <= 0:
+        raise ResourcePlanError(
+            f"the cluster has {cluster_cpus:g} CPU(s): {replicas[1]} model actor(s), decode tasks"
+            + (" and Ray Data's checkpoint filter (1 CPU, resuming)" if resuming else "")
+            + " do not fit. Fix: start Ray with more CPUs, use fewer --replicas, or add a node"
+        )
+    return LabelPlan(decode, actor)
+
+
+class Decode:
+    """map_batches over raw rows: the evaluation transform at the model's input size -> pixels (uint8 NHWC;
+    zeros where the row has an error) beside path, label and error."""
+
+    def __init__(self, size: int, max_pixels: int):
+        self.size, self.max_pixels = size, max_pixels
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        paths = batch.column("path").to_pylist()
+        errors = batch.column("error").to_pylist()
+        pixels = np.zeros((len(paths), self.size, self.size, 3), np.uint8)
+        for i, data in enumerate(batch.column("image").to_pylist()):
+            if errors[i] is None:
+                try:
+                    pixels[i] = eval_transform(data, self.size, self.max_pixels)
+                except Exception as e:  # Pillow raises many types for damaged data
+                    errors[i] = f"cannot decode image: {type(e).__name__}: {e}"
+        labels = [-1 if v is None else v for v in batch.column("label").to_pylist()]
+        return {
+            "path": np.asarray(paths, dtype=object),
+            "pixels": pixels,
+            "label": np.asarray(labels, dtype=np.int64),
+            "error": np.asarray([e or "" for e in errors], dtype=object),  # "": none (numpy has no null string)
+        }
+
+
+class Labeler:
+    """The model's actor: loads the version once, labels batches of decoded rows."""
+
+    def __init__(self, registry: str, model: str, version: int, top_k: int, embeddings: bool, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        reg = Registry(registry)
+        self.version = reg.get(model, version)
+        self.model = reg.load(self.version, self.device)
+        self.names = [c["name"] for c in self.version.classes]
+        self.top_k, self.embeddings = min(top_k, len(self.names)), embeddings
+        self.dim = sum(norm.normalized_shape[0] for norm in self.model.norm)  # forward_features' width
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = [str(e) or None for e in batch["error"]]
+        ok = np.array([e is None for e in errors])
+        n, k = len(errors), self.top_k
+        probs = np.zeros((n, k), np.float32)
+        labels = np.zeros((n, k), np.int64)
+        features = np.zeros((n, self.dim), np.float16)
+        if ok.any():
+            x = normalize(torch.from_numpy(batch["pixels"][ok]).to(self.device), self.device.type == "cuda")
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                f = self.model.forward_features(x)
+                p = self.model.forward_head(f).float().softmax(dim=-1)
+            top = p.topk(k, dim=-1)
+            probs[ok], labels[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            features[ok] = f.float().cpu().numpy().astype(np.float16)
+        bad = pa.array(~ok)
+
+        def rows(values: np.ndarray, kind: pa.DataType) -> pa.Array:  # one fixed-size list per row, null if bad
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), values.shape[1], mask=bad)
+
+        names = np.asarray(self.names, dtype=object)[labels]
+        columns = {
+            "path": pa.array(list(batch["path"]), pa.string()),
+            "labels": rows(labels, pa.int64()),
+            "names": rows(names, pa.string()),
+            "probs": rows(probs, pa.float32()),
+            "model": pa.array([self.version.model] * n, pa.string()),
+            "version": pa.array([self.version.number] * n, pa.int64()),
+            "error": pa.array(errors, pa.string()),
+            "label": pa.array([int(v) if v >= 0 else None for v in batch["label"]], pa.int64()),
+        }
+        if self.embeddings:
+            columns["embedding"] = rows(features, pa.float16())
+        return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    output: str
+    rows: int  # rows in the output (all runs)
+    errors: int
+    written: int  # rows this run wrote
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        return (
+            f"labeled {self.written:,} input(s) in {self.seconds:.1f} s ({rate:.1f} images/s); the output holds "
+            f"{self.rows:,} row(s), {self.errors:,} with an error: {self.output}"
+        )
+
+
+def _count(output: str) -> tuple[int, int]:
+    """(rows, rows with an error) of the output's Parquet files, read column by column."""
+    fs, path = storage.filesystem(output)
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return 0, 0
+    rows = dataset.count_rows()
+    errors = dataset.count_rows(filter=pads.field("error").is_valid())
+    return rows, errors
+
+
+def label(cfg: LabelConfig) -> LabelResult:
+    """Run (or resume) a labeling job; see the module's docstring."""
+    start = time.perf_counter()
+    connect()
+    reg = Registry(cfg.registry)
+    version = reg.get(cfg.model, cfg.version) if cfg.version is not None else reg.resolve(cfg.model, cfg.alias)
+    units = resolve(cfg.input, cfg.split)
+    fs, out_path = storage.filesystem(cfg.output)
+    checkpoint_path = f"{out_path.rstrip('/')}/{CHECKPOINT_FOLDER}"
+    resuming = fs.get_file_info(checkpoint_path).type != pa.fs.FileType.NotFound
+    before, _ = _count(cfg.output) if resuming else (0, 0)
+    plan = plan_label_cpus(ray.cluster_resources().get("CPU", 0), cfg.replicas, cfg.use_gpu, resuming)
+    log.info("%s", plan.describe(ray.cluster_resources().get("CPU", 0), cfg.replicas, resuming))
+    log.info("labeling %d input unit(s) of %s with %s version %d", len(units), cfg.input, cfg.model, version.number)
+
+    ctx = ray.data.DataContext.get_current()
+    checkpoint = CheckpointConfig(
+        id_column="path", checkpoint_path=checkpoint_path, delete_checkpoint_on_success=False, override_filesystem=fs
+    )
+    checkpoint.checkpoint_actor_pool_max_size = 1
+    ctx.checkpoint_config = checkpoint
+    # Read and decode ask for the same CPUs, so Ray fuses them into one task per shard.
+    source = InputDatasource(units)
+    ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=plan.decode_cpus)
+    ds = ds.map_batches(
+        Decode(version.image_size, cfg.max_pixels), batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus
+    )
+    ds = ds.map_batches(
+        Labeler,
+        fn_constructor_args=(cfg.registry, cfg.model, version.number, cfg.top_k, cfg.embeddings, cfg.use_gpu),
+        batch_size=cfg.batch_size,
+        concurrency=cfg.replicas,
+        num_cpus=plan.actor_cpus,
+        num_gpus=1 if cfg.use_gpu else 0,
+        batch_format="numpy",
+        # Ray's default, said explicitly: an actor that dies is replaced. Different remote arguments also keep
+        # Ray Data from fusing the decode into the actor, so decoding runs in CPU tasks beside the model.
+        max_restarts=-1,
+    )
+    ds.write_parquet(out_path, filesystem=fs)
+    rows, errors = _count(cfg.output)
+    return LabelResult(cfg.output, rows, errors, rows - before, time.perf_counter() - start)
