@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tarfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -172,6 +173,26 @@ def _crash_on_third_train_shard(plan, source, dest):
     if plan.index == 2 and plan.split == "train":
         raise RuntimeError("simulated crash")
     return _REAL_WRITE_SHARD(plan, source, dest)
+
+
+def test_a_prepare_in_a_ray_driver_leaves_the_driver_working(ray_cluster, prepared, sample_images, tmp_path):
+    """prepare's worker processes must not be forks of a Ray driver: a fork inherits the driver's sockets
+    to Ray and writes to them when it exits, after which the driver's new actors never get their tasks
+    (a labeling job after a prepare, in one process, waited forever)."""
+
+    class Identity:
+        def __call__(self, batch):
+            return batch
+
+    counter = bad_sample_counter()  # the driver holds handles and references when it forks, as a job does
+    assert len(list(read_split(prepared[0], "val", image_size=32, train=False, counter=counter).iter_batches())) > 0
+    prepare(str(sample_images), f"s3://ingest-test/fork-{tmp_path.name}", shard_size_mb=0.05, workers=2)
+    done: list[int] = []
+    ds = ray.data.range(8, override_num_blocks=2).map_batches(Identity, concurrency=1, num_cpus=0.5)
+    thread = threading.Thread(target=lambda: done.append(ds.count()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done == [8], "the driver's new actors never answered after prepare"
 
 
 def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_images, tmp_path, monkeypatch, caplog):

@@ -358,6 +358,18 @@ def _in_place(dest: str, result: ShardResult) -> bool:
     return checksum == result.sha256
 
 
+def _start_method() -> str:
+    """fork where there is one (fast start-up, no re-import of the caller's main module), except in a process
+    that is a Ray driver: a forked child inherits the driver's sockets to Ray, and its object finalizers write
+    to them when it exits. That breaks the driver quietly: actors it creates afterwards never get their
+    tasks delivered, so its next actor pool (batch labeling after a prepare, in one process) waits forever."""
+    import ray
+
+    if "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "forkserver" if ray.is_initialized() else "fork"
+
+
 def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | None = None, seed: int = 0) -> dict:
     """Write the shards and the manifest; resumable, and a no-op when everything is already there."""
     workers = workers or os.cpu_count() or 1
@@ -391,8 +403,7 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
         workers,
     )
     if todo:
-        # fork where there is one: no re-import of the caller's main module, and fast start-up.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx = mp.get_context(_start_method())
         counter = ctx.Value("q", 0)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
             pending = {pool.submit(write_shard, p, str(source), dest) for p in todo}
