@@ -18,6 +18,7 @@ from pipelines.cluster import ResourcePlanError
 from pipelines.label.inputs import InputError
 from pipelines.label.job import LabelConfig, label
 from pipelines.registry.store import RegistryError
+from pipelines.storage import StorageError
 
 
 def replicas(text: str) -> tuple[int, int]:
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         result = label(cfg)
     except (InputError, RegistryError, ResourcePlanError) as e:
         raise SystemExit(f"cannot label: {e}") from None
+    except (StorageError, OSError) as e:  # storage failed mid-run: what was committed stays
+        raise SystemExit(f"cannot label: {e}\nthe same command again labels what is missing") from None
     print(result.summary(), flush=True)
 
 

@@ -18,6 +18,7 @@ from pipelines.data.ingest import read_split
 from pipelines.data.prepare import prepare
 from pipelines.data.sample import SampleSpec, write_sample_dataset
 from pipelines.device import to_model_input
+from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port, local_s3
 from pipelines.registry.promote import promote
 from pipelines.registry.store import Registry
@@ -50,6 +51,7 @@ def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, i
             _train(data_uri, epochs, image_size, classes)
             _promote()
             _serve(workdir / "sample" / "val")
+            _label(data_uri)
         finally:
             serve.delete("crossvit")  # the demo's application only, on a shared cluster too
             ray.shutdown()
@@ -152,3 +154,18 @@ def _serve(val_images: Path) -> None:
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
         print(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
     print(f"curl -X POST --data-binary @image.jpg '{url}/v1/classify?top_k=5'  # while it runs")
+
+
+def _label(data_uri: str) -> None:
+    _step("6. batch labeling with Ray Data: the validation split -> Parquet, one row per image")
+    output = f"{BUCKET}/labels/val"
+    result = label(LabelConfig(input=data_uri, output=output, registry=REGISTRY, model="sample", split="val", top_k=3))
+    print(result.summary())
+    table = read_labels(output, columns=["path", "names", "probs", "label", "labels", "error"])
+    for row in table.slice(0, 3).to_pylist():
+        guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(row["names"], row["probs"]))
+        print(f"{row['path'].rsplit('/', 1)[-1]} -> {guesses}")
+    right = sum(r["labels"] is not None and r["labels"][0] == r["label"] for r in table.to_pylist())
+    print(f"accuracy of the labels against the ground truth: {100 * right / max(1, table.num_rows):.1f}% "
+          f"({right} of {table.num_rows})")  # fmt: skip
+    print(f"python -m jobs.label --input {data_uri} --split val --output {output} --registry {REGISTRY} --model sample")

@@ -124,6 +124,9 @@ def test_the_demo_runs_with_another_class_count(user_env):
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
     assert "production -> version 1" in out.stdout  # promoted into the registry
     assert len(re.findall(r"POST .*\.JPEG -> .*\(version 1\)", out.stdout)) == 4  # and classified over HTTP
+    # and the validation split labeled in bulk, one row per image, scored against its ground truth
+    assert re.search(r"labeled 24 input\(s\) .* holds 24 row\(s\), 0 with an error", out.stdout), _tail(out)
+    assert re.search(r"accuracy of the labels against the ground truth: [\d.]+% \(\d+ of 24\)", out.stdout)
 
 
 def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
@@ -159,6 +162,27 @@ def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
             raise AssertionError("jobs.serve did not end within 180 s of Ctrl-C:\n" + out.read_text()[-4000:]) from None
     assert code == 0, out.read_text()[-4000:]
     assert "stopped" in out.read_text()
+
+
+def test_label_with_no_cluster_then_again_on_the_machines_cpus(user_env, tmp_path):
+    """`python -m jobs.label` with no Ray running, on this machine's CPUs (2 here), twice: the second run is
+    a resumed one, where Ray Data's checkpoint filter holds a whole CPU beside the decode and the model. It
+    must find everything done and write nothing, not wait for a CPU forever."""
+    classes = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
+    write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
+    promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(30):
+        Image.new("RGB", (64, 48), (8 * i, 100, 200)).save(images / f"{i}.jpg")
+    cmd = [sys.executable, "-m", "jobs.label", "--input", str(images), "--output", str(tmp_path / "labels"),
+           "--registry", str(tmp_path / "registry"), "--model", "tiny"]  # fmt: skip
+    first = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "labeled 30 input(s)" in first.stdout, _tail(first)
+    again = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, _tail(again)
+    assert "labeled 0 input(s)" in again.stdout and "holds 30 row(s), 0 with an error" in again.stdout
+    assert "1 for Ray Data's checkpoint filter (resuming)" in again.stdout + again.stderr
 
 
 def test_demo_arguments_are_checked_before_anything_starts(capsys):

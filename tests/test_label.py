@@ -1,24 +1,33 @@
 """Batch labeling (pipelines/label/): real Ray Data on the session cluster, the loopback S3 endpoint."""
 
 import io
+import secrets
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from helpers import write_run
 from PIL import Image
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.state import list_tasks
 
 from pipelines import storage
+from pipelines.cluster import ResourcePlanError
+from pipelines.data.dataset import DataSet
 from pipelines.data.prepare import prepare
 from pipelines.label.inputs import InputError, resolve
-from pipelines.label.job import LabelConfig, label
+from pipelines.label.job import LabelConfig, LabelPlan, label, plan_label_cpus, read_labels
 from pipelines.preprocess import eval_transform, normalize
 from pipelines.registry.promote import promote
 from pipelines.registry.store import Registry
@@ -38,8 +47,24 @@ def registry(ray_cluster, s3_endpoint, sample_images):
 
 
 def rows(output: str) -> list[dict]:
-    fs, path = storage.filesystem(output)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    return read_labels(output).to_pylist()
+
+
+def jpeg(i: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (37 * i % 256, 91 * i % 256, 53 * i % 256)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(uri: str, members: dict[str, bytes], cut: int | None = None) -> None:
+    """A WebDataset tar of ``members`` at ``uri``, its first ``cut`` bytes only when given (broken off)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes(uri, buf.getvalue()[:cut])
 
 
 def test_labels_equal_direct_inference_with_one_row_per_sample(registry, tmp_path):
@@ -107,11 +132,7 @@ def test_inputs_that_name_nothing_are_a_clear_error(tmp_path):
 def test_a_run_killed_midway_then_resumed_has_exactly_one_row_per_input(registry, ray_cluster, tmp_path):
     """`python -m jobs.label` on the session cluster, its driver SIGKILLed once some output is committed; the
     same command again completes what is missing: every input exactly once."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(600):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i:04d}.jpg")
+    folder = noise_images(tmp_path / "images", 600)
     out = tmp_path / "labels"
     cmd = [sys.executable, "-m", "jobs.label", "--input", str(folder), "--output", str(out), "--registry", ROOT,
            "--model", "tiny", "--batch-size", "4"]  # fmt: skip
@@ -120,8 +141,7 @@ def test_a_run_killed_midway_then_resumed_has_exactly_one_row_per_input(registry
     with log.open("w") as sink:
         first = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 300
-    committed = out / "_checkpoint"
-    while not [f for f in committed.glob("*.parquet") if ".pending" not in f.name]:
+    while not committed_parts(out):
         assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
@@ -132,3 +152,196 @@ def test_a_run_killed_midway_then_resumed_has_exactly_one_row_per_input(registry
     paths = [r["path"] for r in rows(str(out))]
     assert partial < 600, "the first run ended before it was killed: give it more images"
     assert len(paths) == 600 and len(set(paths)) == 600, (partial, len(paths), len(set(paths)))
+
+
+def noise_images(folder: Path, n: int) -> Path:
+    """``n`` distinct 64 x 48 JPEGs of noise in ``folder``."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i:04d}.jpg")
+    return folder
+
+
+def committed_parts(out: Path) -> list[Path]:
+    """The output parts Ray Data's checkpoint has committed (a write task's ids, once its file is written)."""
+    return [f for f in (out / "_checkpoint").glob("*.parquet") if ".pending" not in f.name]
+
+
+def test_a_worker_node_lost_midway_leaves_the_counts_exact(registry, add_nodes, tmp_path):
+    """A node joins, takes part of the decoding (and maybe the model's actor), and vanishes once some output
+    is committed: Ray re-runs what it held; every input still gets exactly one row."""
+    folder = noise_images(tmp_path / "images", 600)
+    (node,) = add_nodes(1, num_cpus=2)
+    out = tmp_path / "labels"
+    done: list = []
+    job = threading.Thread(target=lambda: done.append(label(LabelConfig(str(folder), str(out), ROOT, "tiny",
+                                                                         batch_size=4))), daemon=True)  # fmt: skip
+    job.start()
+    deadline = time.monotonic() + 300
+    while not committed_parts(out):
+        assert job.is_alive() and time.monotonic() < deadline, "the job ended (or stalled) before any commit"
+        time.sleep(0.1)
+    node.kill()
+    job.join(400)
+    assert done, "the job did not finish after the node was lost"
+    paths = [r["path"] for r in rows(str(out))]
+    assert len(paths) == len(set(paths)) == 600 and done[0].errors == 0
+    ran_there = list_tasks(filters=[("node_id", "=", node.node_id)], limit=1000)
+    assert ran_there, "nothing ran on the lost node: the test proved nothing"
+
+
+def test_beside_a_job_that_holds_cpus_the_plan_fits_what_is_free_or_is_an_error(registry, tmp_path):
+    """Labeling on a cluster where something else (a training run, a Serve app) holds all CPUs but one: the
+    decode and the model share the free one (planned from all CPUs, the job waited forever). None free: a
+    clear error at once."""
+    folder = noise_images(tmp_path / "images", 20)
+    free = ray.available_resources()["CPU"]
+    held = placement_group([{"CPU": free - 1}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        done: list = []
+        job = threading.Thread(target=lambda: done.append(label(LabelConfig(str(folder), str(tmp_path / "a"), ROOT,
+                                                                             "tiny"))), daemon=True)  # fmt: skip
+        job.start()
+        job.join(120)
+        assert done and done[0].rows == 20, "labeling in the one free CPU did not finish"
+    finally:
+        remove_placement_group(held)
+    held = placement_group([{"CPU": free}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        with pytest.raises(ResourcePlanError, match=r"has 0 free CPU\(s\)"):
+            label(LabelConfig(str(folder), str(tmp_path / "b"), ROOT, "tiny"))
+    finally:
+        remove_placement_group(held)
+
+
+def test_storage_that_fails_stops_the_job_with_its_error_and_the_rerun_labels_the_rest(registry, tmp_path):
+    """A bucket that does not exist (as an endpoint that does not answer) is no property of one image: the
+    job stops with the storage's error and writes nothing for those inputs, and the same command labels
+    them once the storage answers. An image that is gone is only its own row's error (tested above)."""
+    folder = noise_images(tmp_path / "images", 3)
+    bucket = f"s3://label-gone-{secrets.token_hex(4)}"
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted(folder.iterdir())) + f"{bucket}/a.jpg\n")
+    cfg = LabelConfig(str(listed), str(tmp_path / "labels"), ROOT, "tiny")
+    with pytest.raises(storage.StorageError, match=f"cannot read {bucket}/a.jpg"):
+        label(cfg)
+    storage.ensure_bucket(bucket)
+    storage.write_bytes(f"{bucket}/a.jpg", jpeg(1))
+    result = label(cfg)
+    assert result.rows == 4 and result.errors == 0
+
+
+def test_tens_of_thousands_of_images_keep_the_driver_memory_flat(registry, tmp_path):
+    """30,000 small images in 30 shards: the driver holds neither rows nor pixels (about 200 MB of them at
+    the model's 48 px), its memory stays flat, and the counts are exact."""
+    encoded = [jpeg(i, (16, 12)) for i in range(50)]
+    for s in range(30):
+        write_tar(str(tmp_path / "tars" / f"shard-{s:06d}.tar"), {f"{s}-{i}.jpg": encoded[i % 50] for i in range(1000)})
+    proc = psutil.Process()
+    base, peak, stop = proc.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak.append(proc.memory_info().rss - base)
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        result = label(LabelConfig(str(tmp_path / "tars"), str(tmp_path / "labels"), ROOT, "tiny", top_k=1,
+                                   batch_size=256))  # fmt: skip
+    finally:
+        stop.set()
+    grown = max(peak) / 2**20
+    print(f"driver memory grew by {grown:.0f} MiB at most while labeling {result.rows:,} images")
+    assert result.rows == 30_000 and result.errors == 0
+    assert grown < 100, f"the driver's memory grew by {grown:.0f} MiB"
+
+
+def test_the_cpu_plan_fits_decode_beside_the_model_or_is_a_clear_error():
+    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=False) == LabelPlan(1.0, 1.0)
+    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=True) == LabelPlan(0.5, 0.5)  # + the filter's 1
+    assert plan_label_cpus(2, (1, 4), use_gpu=False, resuming=False) == LabelPlan(0.5, 0.37)  # 4 actors share 1.5
+    assert plan_label_cpus(16, (1, 4), use_gpu=False, resuming=False) == LabelPlan(1.0, 1.0)
+    assert plan_label_cpus(4, (1, 1), use_gpu=True, resuming=False) == LabelPlan(1.0, 0.0)  # the GPU actor needs no CPU
+    with pytest.raises(ResourcePlanError, match=r"1 free CPU\(s\): 1 model actor\(s\), decode tasks and Ray Data"):
+        plan_label_cpus(1, (1, 1), use_gpu=False, resuming=True)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_each_input_kind_local_and_on_s3(registry, tmp_path, where):
+    """Foreign shards (a folder or prefix of .tar, a brace pattern), an image folder or prefix (recursive) and
+    a URI list, each labeled into one row per image. A shard that breaks off keeps its samples before the
+    break and gets one row of its own; without a manifest nobody knows how many samples it missed."""
+    root = str(tmp_path) if where == "local" else f"s3://label-test/kinds-{tmp_path.name}"
+    for s in range(2):
+        members = {f"s{s}-{i}.{ext}": jpeg(i) if ext == "jpg" else b"1" for i in range(4) for ext in ("jpg", "cls")}
+        write_tar(storage.join(root, "tars", f"shard-{s:06d}.tar"), members)
+    first = jpeg(0, (300, 200))
+    cut = 512 + -(-len(first) // 512) * 512 + 512 + 100  # c-0 whole, c-1's header, then 100 bytes of its data
+    members = {f"c-{i}.jpg": jpeg(i, (300, 200)) for i in range(3)}
+    write_tar(storage.join(root, "tars", "shard-000002.tar"), members, cut=cut)
+    images = [storage.join(root, "images", sub, f"{i}.jpg") for sub in ("a", "a/b") for i in range(3)]
+    for i, uri in enumerate(images):
+        storage.write_bytes(uri, jpeg(i))
+    listed = storage.join(root, "list.parquet" if where == "s3" else "list.csv")
+    if where == "s3":
+        storage.write_bytes(listed, _parquet({"path": images[:4], "note": ["x"] * 4}))
+    else:
+        storage.write_bytes(listed, ("uri,note\n" + "".join(f"{u},x\n" for u in images[:4])).encode())
+
+    def labeled(spec: str) -> dict[str, dict]:
+        out = storage.join(root, "out", str(abs(hash(spec))))
+        result = label(LabelConfig(spec, out, ROOT, "tiny", top_k=2))
+        got = {r["path"]: r for r in rows(out)}
+        assert result.rows == len(got)
+        return got
+
+    tars = labeled(storage.join(root, "tars"))
+    shard = storage.join(root, "tars", "shard-000002.tar")
+    assert len(tars) == 8 + 1 + 1 and tars[f"{shard}#c-0"]["error"] is None
+    assert "truncated or corrupt tar after c-1" in tars[shard]["error"] and "no manifest says" in tars[shard]["error"]
+    assert all(r["labels"] is not None for p, r in tars.items() if p != shard)
+    brace = labeled(storage.join(root, "tars", "shard-{000000..000001}.tar"))
+    assert set(brace) == {p for p in tars if "shard-000002" not in p}
+    assert set(labeled(storage.join(root, "images"))) == set(images)
+    assert set(labeled(listed)) == set(images[:4])
+
+
+def _parquet(columns: dict) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def test_uri_lists_in_parquet_csv_and_text(tmp_path):
+    uris = [f"s3://b/p/{i}.jpg" for i in range(3)]
+    (tmp_path / "a.parquet").write_bytes(_parquet({"n": [1, 2, 3], "uri": uris}))
+    (tmp_path / "b.csv").write_text("\n".join(uris) + "\n")  # no header: the first column
+    (tmp_path / "c.txt").write_text("\n".join(uris) + "\n\n")
+    for name in ("a.parquet", "b.csv", "c.txt"):
+        assert [u.uri for u in resolve(str(tmp_path / name))] == uris
+    (tmp_path / "d.txt").write_text("\n")
+    with pytest.raises(InputError, match="lists no image URIs"):
+        resolve(str(tmp_path / "d.txt"))
+
+
+def test_a_data_set_shard_that_breaks_off_gets_one_row_saying_how_many_samples_are_missing(registry, tmp_path):
+    """The manifest knows each shard's count: the broken shard's row says how many it lost."""
+    data = DataSet.load(registry["data"])
+    cut = f"s3://label-test/cut-{tmp_path.name}"
+    shards = data.shards("val")
+    for key in ("manifest.json",):
+        storage.write_bytes(storage.join(cut, key), storage.read_bytes(storage.join(registry["data"], key)))
+    for s in data.shards("train") + shards:
+        raw = storage.read_bytes(s.uri)
+        target = s.uri.replace(registry["data"], cut)
+        storage.write_bytes(target, raw[: len(raw) // 2] if s.uri == shards[0].uri else raw)
+    out = str(tmp_path / "labels")
+    label(LabelConfig(cut, out, ROOT, "tiny", split="val"))
+    got = {r["path"]: r for r in rows(out)}
+    broken = shards[0].uri.replace(registry["data"], cut)
+    kept = [p for p, r in got.items() if p.startswith(broken + "#") and r["error"] is None]
+    assert len(got) == registry["manifest"]["splits"]["val"]["samples"] - shards[0].samples + len(kept) + 1
+    assert f"{shards[0].samples - len(kept)} of its {shards[0].samples} samples are missing" in got[broken]["error"]

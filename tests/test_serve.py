@@ -29,6 +29,7 @@ from ray.util.state import list_actors
 from pipelines import storage
 from pipelines.cluster import SERVE_ENV, ResourcePlanError
 from pipelines.data.sample import draw_sample
+from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port
 from pipelines.preprocess import eval_transform, normalize
 from pipelines.registry.promote import promote
@@ -132,6 +133,23 @@ def test_answers_equal_direct_inference(app):
         assert np.allclose(answer["probs"], probs[answer["labels"]], atol=1e-4)
         assert answer["names"] == [f"class {k}" for k in answer["labels"]]
     assert len(classify(app["url"], jpeg(0)).json()["labels"]) == 4  # top_k 5 by default, at most the classes
+
+
+def test_batch_labels_equal_the_endpoints_answers(app, tmp_path):
+    """The same images through the online endpoint and through the batch labeling job: the same version,
+    classes and probabilities (one evaluation transform and one checkpoint format for both)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.jpg").write_bytes(jpeg(i))
+    label(LabelConfig(str(images), str(tmp_path / "labels"), ROOT, "tiny", top_k=3))
+    batch = {Path(r["path"]).name: r for r in read_labels(str(tmp_path / "labels")).to_pylist()}
+    assert len(batch) == 4
+    for i in range(4):
+        online, row = classify(app["url"], jpeg(i), top_k=3).json(), batch[f"{i}.jpg"]
+        assert row["labels"] == online["labels"] and row["names"] == online["names"]
+        assert (row["model"], row["version"]) == (online["model"], online["version"]) == ("tiny", 1)
+        assert np.allclose(row["probs"], online["probs"], atol=1e-4)
 
 
 def test_multipart_uploads_and_the_batch_route_answer_each_image_on_its_own(app):

@@ -23,6 +23,8 @@ from webdataset.tariterators import base_plus_ext
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 BLOCK_ROWS = 64  # samples per block, and so per decode call
+# Keys of the error rows of a tar that breaks off: where it broke, and each sample the manifest misses.
+TRUNCATED, MISSING = "truncated-", "missing-"
 INT64_MAX = 2**63 - 1
 
 
@@ -96,10 +98,11 @@ def read_tar(stream, shard: str, expected_samples: int | None = None) -> Iterato
     except (tarfile.TarError, EOFError) as e:  # storage I/O errors propagate: Ray Data retries the read
         where = f"after {key}" if key else "at the start"
         # The row's key names where the tar broke off, without spaces (keys travel in URIs and log lines).
-        rows.append(_error_row(shard, f"truncated-{where.replace(' ', '-')}", f"truncated or corrupt tar {where}: {e}"))
+        key = f"{TRUNCATED}{where.replace(' ', '-')}"
+        rows.append(_error_row(shard, key, f"truncated or corrupt tar {where}: {e}"))
         read += 1
     for i in range(read, expected_samples or 0):
-        rows.append(_error_row(shard, f"missing-{i}", f"tar ends after {read} of {expected_samples} samples"))
+        rows.append(_error_row(shard, f"{MISSING}{i}", f"tar ends after {read} of {expected_samples} samples"))
     if rows:
         yield pa.Table.from_pylist(rows)
 

@@ -28,12 +28,19 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
 from pipelines.data.dataset import DataSet, DatasetError
-from pipelines.data.reader import IMAGE_SUFFIXES, read_tar
+from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, read_tar
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
 IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
 
 SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("error", pa.string())])
+
+
+# An input that is gone or that we may not read is that input's error row. Any other storage error (a bucket
+# that does not exist, an endpoint that does not answer, credentials refused) fails the read task and so the
+# job, with the storage's message: nothing is written for those inputs, and the same command again labels
+# them once the storage answers.
+UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 class InputError(ValueError):
@@ -102,21 +109,42 @@ def read_list(uri: str) -> list[str]:
     return uris
 
 
+def _error_table(path: str, error: str) -> pa.Table:
+    return pa.Table.from_pylist([{"path": path, "image": None, "label": None, "error": error}], schema=SCHEMA)
+
+
 def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
+    """A shard's samples, streamed (a block of BLOCK_ROWS samples in memory at a time). A shard that breaks
+    off: its samples before the break, then one row for the shard itself that says where it broke and, when
+    the manifest knows the count, how many samples are missing."""
+    fs, path = storage.filesystem(unit.uri)
     try:
-        stream = io.BytesIO(storage.read_bytes(unit.uri))
-    except (FileNotFoundError, storage.StorageError) as e:
-        yield pa.Table.from_pylist([{"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"}],
-                                   schema=SCHEMA)  # fmt: skip
+        stream = fs.open_input_stream(path)
+    except UNREADABLE as e:
+        yield _error_table(unit.uri, f"cannot read: {e}")
         return
-    for block in read_tar(stream, unit.uri, unit.expected):
-        rows = []
-        for key, image, label, error in zip(*(block.column(c).to_pylist() for c in ("key", "image", "label", "error"))):
-            if error is not None and image is not None:  # a label problem: labeling needs no label
-                error = None
-            rows.append({"path": f"{unit.uri}#{key}", "image": image, "label": None if label < 0 else label,
-                         "error": error})  # fmt: skip
-        yield pa.Table.from_pylist(rows, schema=SCHEMA)
+    broken, samples = None, 0
+    with stream:
+        for block in read_tar(stream, unit.uri, unit.expected):
+            rows = []
+            columns = (block.column(c).to_pylist() for c in ("key", "image", "label", "error"))
+            for key, image, label, error in zip(*columns):
+                if image is None and key.startswith((TRUNCATED, MISSING)):
+                    broken = broken or error  # the first says where the tar broke
+                    continue
+                if error is not None and image is not None:  # a label problem: labeling needs no label
+                    error = None
+                rows.append({"path": f"{unit.uri}#{key}", "image": image, "label": None if label < 0 else label,
+                             "error": error})  # fmt: skip
+                samples += 1
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=SCHEMA)
+    if broken:
+        if unit.expected is not None:
+            missing = f"{unit.expected - samples} of its {unit.expected} samples are missing"
+        else:
+            missing = "no manifest says how many samples it held"
+        yield _error_table(unit.uri, f"{broken}; {missing}")
 
 
 def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
@@ -124,15 +152,14 @@ def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
     for unit in units:
         try:
             rows.append({"path": unit.uri, "image": storage.read_bytes(unit.uri), "label": None, "error": None})
-        except (FileNotFoundError, storage.StorageError, OSError) as e:
+        except UNREADABLE as e:
             rows.append({"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"})
     yield pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 class InputDatasource(Datasource):
     """Units -> rows (path, image bytes, label or null, error or null): one read task per shard or per
-    IMAGES_PER_TASK image files. Never fails a read for bad data; storage that cannot be reached is an
-    error row per input, so a rerun picks it up."""
+    IMAGES_PER_TASK image files. Never fails a read for bad data (see UNREADABLE for storage errors)."""
 
     def __init__(self, units: list[Unit]):
         super().__init__()

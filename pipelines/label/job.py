@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from pipelines.registry.store import Registry
 
 log = logging.getLogger(__name__)
 
+ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_tiny_240 on CPU: 0.9 GiB)
+FREE_CPU_WAIT_S = 20.0  # how long a plan that does not fit waits for CPUs that are being freed
 CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
 
 
@@ -66,7 +69,7 @@ class LabelPlan:
 
     def describe(self, cluster_cpus: float, replicas: tuple[int, int], resuming: bool) -> str:
         return (
-            f"CPU plan: {cluster_cpus:g} CPUs; up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} "
+            f"CPU plan: {cluster_cpus:g} free CPUs; up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} "
             f"each, decode tasks {self.decode_cpus:g} each"
             + (", 1 for Ray Data's checkpoint filter (resuming)" if resuming else "")
         )
@@ -83,11 +86,26 @@ def plan_label_cpus(cluster_cpus: float, replicas: tuple[int, int], use_gpu: boo
     actor = wanted if replicas[1] * wanted <= spare else math.floor(100 * spare / replicas[1]) / 100
     if not use_gpu and actor <= 0:
         raise ResourcePlanError(
-            f"the cluster has {cluster_cpus:g} CPU(s): {replicas[1]} model actor(s), decode tasks"
+            f"the cluster has {cluster_cpus:g} free CPU(s): {replicas[1]} model actor(s), decode tasks"
             + (" and Ray Data's checkpoint filter (1 CPU, resuming)" if resuming else "")
             + " do not fit. Fix: start Ray with more CPUs, use fewer --replicas, or add a node"
         )
     return LabelPlan(decode, actor)
+
+
+def _plan_from_free_cpus(cfg: LabelConfig, resuming: bool, wait_s: float = FREE_CPU_WAIT_S) -> tuple[float, LabelPlan]:
+    """The plan for the CPUs free now (a Serve application or another job keeps what it holds). A job that
+    just ended in this process, or on the cluster, frees its actors' CPUs a few seconds after it returns, so a
+    plan that does not fit is tried again for ``wait_s`` before it is the error."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources().get("CPU", 0)
+        try:
+            return free, plan_label_cpus(free, cfg.replicas, cfg.use_gpu, resuming)
+        except ResourcePlanError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class Decode:
@@ -119,8 +137,15 @@ class Decode:
 class Labeler:
     """The model's actor: loads the version once, labels batches of decoded rows."""
 
-    def __init__(self, registry: str, model: str, version: int, top_k: int, embeddings: bool, use_gpu: bool):
+    def __init__(
+        self, registry: str, model: str, version: int, top_k: int, embeddings: bool, use_gpu: bool, threads: int
+    ):
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        if not use_gpu:
+            # Ray gives an actor as many torch threads as CPUs it reserves (1 here), but the decode tasks
+            # beside it need a small part of the cores (about 3 ms of a core per image against the model's
+            # 40): the model takes the cores it shares with them.
+            torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
         reg = Registry(registry)
         self.version = reg.get(model, version)
         self.model = reg.load(self.version, self.device)
@@ -180,12 +205,25 @@ class LabelResult:
         )
 
 
+def labels_dataset(output: str) -> pads.Dataset:
+    """A labeling job's output as a pyarrow dataset (its Parquet files; the checkpoint folder is skipped)."""
+    fs, path = storage.filesystem(output)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def read_labels(output: str, columns: list[str] | None = None) -> pa.Table:
+    """A labeling job's output, all of it in memory: for small outputs and tests (Ray Data reads big ones:
+    ``ray.data.read_parquet(output)``)."""
+    return labels_dataset(output).to_table(columns=columns)
+
+
 def _count(output: str) -> tuple[int, int]:
     """(rows, rows with an error) of the output's Parquet files, read column by column."""
-    fs, path = storage.filesystem(output)
     try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        dataset = labels_dataset(output)
     except (FileNotFoundError, pa.ArrowInvalid):
+        return 0, 0
+    if not dataset.files:  # a run that failed before writing anything
         return 0, 0
     rows = dataset.count_rows()
     errors = dataset.count_rows(filter=pads.field("error").is_valid())
@@ -203,8 +241,8 @@ def label(cfg: LabelConfig) -> LabelResult:
     checkpoint_path = f"{out_path.rstrip('/')}/{CHECKPOINT_FOLDER}"
     resuming = fs.get_file_info(checkpoint_path).type != pa.fs.FileType.NotFound
     before, _ = _count(cfg.output) if resuming else (0, 0)
-    plan = plan_label_cpus(ray.cluster_resources().get("CPU", 0), cfg.replicas, cfg.use_gpu, resuming)
-    log.info("%s", plan.describe(ray.cluster_resources().get("CPU", 0), cfg.replicas, resuming))
+    free_cpus, plan = _plan_from_free_cpus(cfg, resuming)
+    log.info("%s", plan.describe(free_cpus, cfg.replicas, resuming))
     log.info("labeling %d input unit(s) of %s with %s version %d", len(units), cfg.input, cfg.model, version.number)
 
     ctx = ray.data.DataContext.get_current()
@@ -219,17 +257,21 @@ def label(cfg: LabelConfig) -> LabelResult:
     ds = ds.map_batches(
         Decode(version.image_size, cfg.max_pixels), batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus
     )
+    # Torch threads per model actor: the cores, shared by the actors (of the whole cluster, not of what is free
+    # now: a job that just ended may still hold some for a moment; each actor caps it at its node's cores).
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.replicas[1]))
     ds = ds.map_batches(
         Labeler,
-        fn_constructor_args=(cfg.registry, cfg.model, version.number, cfg.top_k, cfg.embeddings, cfg.use_gpu),
+        fn_constructor_args=(cfg.registry, cfg.model, version.number, cfg.top_k, cfg.embeddings, cfg.use_gpu, threads),
         batch_size=cfg.batch_size,
-        concurrency=cfg.replicas,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.replicas[0], max_size=cfg.replicas[1]),
         num_cpus=plan.actor_cpus,
         num_gpus=1 if cfg.use_gpu else 0,
+        # What the model's actor holds (weights, a batch's activations). Remote arguments that differ from the
+        # decode's also keep Ray Data from fusing the decode into the actor: decoding runs in CPU tasks beside
+        # the model, not in turn with it.
+        memory=ACTOR_MEMORY,
         batch_format="numpy",
-        # Ray's default, said explicitly: an actor that dies is replaced. Different remote arguments also keep
-        # Ray Data from fusing the decode into the actor, so decoding runs in CPU tasks beside the model.
-        max_restarts=-1,
     )
     ds.write_parquet(out_path, filesystem=fs)
     rows, errors = _count(cfg.output)

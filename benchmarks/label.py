@@ -1,0 +1,178 @@
+"""Batch labeling throughput: the labeling job (pipelines/label/job.py: read, decode in CPU tasks, the model
+in an actor pool, Parquet) at steady state, against the same model's raw batched images/s in-process on
+already-decoded tensors (the same batch size), in one run.
+
+    python -m benchmarks.label                                # crossvit_tiny_240 at 240 px, CPU
+    python -m benchmarks.label --model sample                 # the sample recipe's 48 px model
+    python -m benchmarks.label --use-gpu --small 5000 --large 25000 --batch-size 256   # on a GPU node
+
+Inputs: --large distinct 500x375 JPEGs (ImageNet-like, quality 90) in a temporary folder (or under
+--input-root, e.g. an s3:// prefix, where they are left), named by two .txt lists of URIs: the first
+--small of them and all of them. The model is untrained (weights do not change the speed), registered as
+version 1 of "bench" in a temporary local registry. One Ray for the whole run, as the jobs start it
+(pipelines.cluster.connect: the cluster this process belongs to, else a local one with this machine's
+CPUs; RAY_ADDRESS=local forces a local one); a first job on the small list warms its worker processes up
+and is reported apart. Then each repeat labels both lists, each into a fresh output folder, in alternating
+order. Start-up (actors, model load, planning, the final count) is the same for both sizes, so the
+steady-state rate is the marginal one, (large - small) / (t_large - t_small), median over the repeats; the
+large run's wall time and images/s with start-up are reported too. Read tasks take 256 images each, so the
+small run should have at least as many of them as there are decode slots (CPUs not held by the model's
+actors), or it runs below the steady rate and the marginal rate comes out too high: the benchmark warns.
+
+Raw: the same model in this process, batches of --batch-size on decoded tensors, measured before and after
+the jobs (this machine's speed drifts) and the median of all rounds taken: on CPU fp32 with every core
+(benchmarks.serve.raw_rates), on CUDA bf16 autocast on normalised channels_last tensors already on the GPU,
+as the labeling actor runs it. Goal: steady-state >= 0.85 raw (decoding hidden behind inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
+import torch
+
+import crossvit
+from benchmarks.model import images_per_s, make_step
+from benchmarks.serve import model_config, raw_rates, register
+from jobs.label import replicas
+from pipelines import storage
+from pipelines.cluster import connect
+from pipelines.data.sample import draw_sample
+from pipelines.label.inputs import IMAGES_PER_TASK
+from pipelines.label.job import LabelConfig, LabelResult, label
+from pipelines.preprocess import normalize
+
+GOAL = 0.85
+
+
+def write_inputs(root: str, small: int, large: int) -> tuple[str, str]:
+    """``large`` distinct 500x375 JPEGs (quality 90) under ``root``/images, and two .txt lists of their
+    URIs, the first ``small`` and all; returns the lists' URIs. Drawn on every core (Pillow and numpy
+    release the GIL)."""
+
+    def one(i: int) -> str:
+        buf = io.BytesIO()
+        draw_sample(i % 4, 4, 500, 375, np.random.default_rng(i)).save(buf, format="JPEG", quality=90)
+        uri = storage.join(root, "images", f"{i:06d}.jpg")
+        storage.write_bytes(uri, buf.getvalue())
+        return uri
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        uris = list(pool.map(one, range(large)))
+    lists = storage.join(root, f"small-{small}.txt"), storage.join(root, f"large-{large}.txt")
+    for uri, names in zip(lists, (uris[:small], uris)):
+        storage.write_bytes(uri, "\n".join(names).encode() + b"\n")
+    return lists
+
+
+def raw_batched(config: crossvit.CrossViTConfig, batch: int, use_gpu: bool, rounds: int = 5) -> list[float]:
+    """The model's images/s at ``batch`` in this process, per round: on CPU, benchmarks.serve.raw_rates (fp32,
+    every core); on CUDA, bf16 autocast on normalised channels_last tensors already on the GPU."""
+    if not use_gpu:
+        return raw_rates(config, batch, rounds)[0]
+    device = torch.device("cuda")
+    model = crossvit.CrossViT(config).eval().to(device)
+    images = torch.randint(0, 255, (batch, config.img_size, config.img_size, 3), dtype=torch.uint8, device=device)
+    step = make_step(model, normalize(images, channels_last=True), train=False, bf16=True)
+    for _ in range(3):  # warm-up: kernels chosen, memory allocated
+        step()
+    return [images_per_s(step, batch, 10, device) for _ in range(rounds)]
+
+
+def run_job(lst: str, images: int, out: str, registry: str, args: argparse.Namespace) -> float:
+    """One labeling job over the list ``lst`` into the fresh folder ``out``; its seconds. Every input must
+    come out labeled."""
+    cfg = LabelConfig(
+        input=lst, output=out, registry=registry, model="bench", batch_size=args.batch_size,
+        replicas=args.replicas, use_gpu=args.use_gpu,
+    )  # fmt: skip
+    result: LabelResult = label(cfg)
+    if result.written != images or result.errors:
+        raise SystemExit(f"the job over {images} images wrote {result.written} row(s), {result.errors} error(s)")
+    print(f"  {images:6d} images: {result.seconds:7.1f} s, {images / result.seconds:7.1f} img/s", flush=True)
+    return result.seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="crossvit_tiny_240", help="a variant name, or 'sample'")
+    p.add_argument("--small", type=int, default=200, help="images in the small run")
+    p.add_argument("--large", type=int, default=1200, help="images in the large run (also the images written)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call, in the job and raw")
+    p.add_argument("--replicas", type=replicas, default=(1, 1), help="the model's actors: N or MIN-MAX")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="pairs of small and large runs")
+    p.add_argument("--input-root", help="where to write the JPEGs (a folder or s3:// prefix; default: temporary)")
+    args = p.parse_args()
+    if not 0 < args.small < args.large or args.repeats < 1 or args.batch_size < 1:
+        p.error("need 0 < --small < --large, --repeats >= 1 and --batch-size >= 1")
+    if args.use_gpu and not torch.cuda.is_available():
+        p.error("--use-gpu: torch sees no CUDA device here")
+    slots = (os.cpu_count() or 1) - (0 if args.use_gpu else args.replicas[1])
+    if -(-args.small // IMAGES_PER_TASK) < slots:
+        print(f"warning: --small {args.small} makes {-(-args.small // IMAGES_PER_TASK)} read task(s) of up to "
+              f"{IMAGES_PER_TASK} images for about {slots} decode slots: the steady rate will be overestimated; "
+              f"use --small {IMAGES_PER_TASK * slots} or more", flush=True)  # fmt: skip
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipelines.label").setLevel(logging.INFO)  # the job's CPU plan
+    config = model_config(args.model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        small_list, large_list = write_inputs(args.input_root or f"{tmp}/inputs", args.small, args.large)
+        print(f"wrote {args.large} JPEGs in {time.perf_counter() - start:.1f} s", flush=True)
+        register(f"{tmp}/registry", config)
+        before = raw_batched(config, args.batch_size, args.use_gpu)
+        print(f"raw before the jobs: {statistics.median(before):.1f} img/s", flush=True)
+
+        start = time.perf_counter()
+        connect()
+        ray_start = time.perf_counter() - start
+        runs = itertools.count()
+
+        def job(lst: str, images: int) -> float:
+            return run_job(lst, images, f"{tmp}/out/{next(runs)}", f"{tmp}/registry", args)
+
+        print("first job (worker processes start):", flush=True)
+        cold = job(small_list, args.small)
+        small_s, large_s = [], []
+        for r in range(args.repeats):
+            print(f"repeat {r + 1}:", flush=True)
+            order = [(small_list, args.small, small_s), (large_list, args.large, large_s)]
+            for lst, images, times in order if r % 2 == 0 else reversed(order):
+                times.append(job(lst, images))
+        ray.shutdown()
+    after = raw_batched(config, args.batch_size, args.use_gpu)
+    raw = statistics.median(before + after)
+
+    steady = [(args.large - args.small) / (tl - ts) if tl > ts else float("nan") for ts, tl in zip(small_s, large_s)]
+    rate = statistics.median([s for s in steady if not math.isnan(s)] or [math.nan])
+    device = "CUDA bf16" if args.use_gpu else "CPU fp32"
+    print()
+    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, {device}, 500x375 JPEGs, batch "
+          f"{args.batch_size}, model actors {args.replicas[0]}-{args.replicas[1]}")  # fmt: skip
+    print(f"raw in-process: {raw:.1f} img/s batched ({statistics.median(before):.1f} before the jobs, "
+          f"{statistics.median(after):.1f} after)")  # fmt: skip
+    print(f"Ray start-up {ray_start:.1f} s; first job ({args.small} images, cold workers) {cold:.1f} s")
+    print(f"repeat  {args.small:>6d} img s  {args.large:>6d} img s  steady img/s")
+    for r, (ts, tl, s) in enumerate(zip(small_s, large_s, steady), 1):
+        print(f"{r:6d} {ts:13.1f} {tl:13.1f} {s:13.1f}")
+    wall = statistics.median(large_s)
+    print(f"large run with start-up: {wall:.1f} s wall, {args.large / wall:.1f} img/s (median)")
+    print(f"steady-state: {rate:.1f} img/s (median)")
+    print(f"steady/raw = {rate / raw:.2f} (goal >= {GOAL}): {'met' if rate / raw >= GOAL else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()
