@@ -16,7 +16,7 @@ import logging
 
 from pipelines.cluster import ResourcePlanError
 from pipelines.label.inputs import InputError
-from pipelines.label.job import LabelConfig, label
+from pipelines.label.job import LabelConfig, LabelConfigError, label
 from pipelines.registry.store import RegistryError
 from pipelines.storage import StorageError
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     try:
         result = label(cfg)
-    except (InputError, RegistryError, ResourcePlanError) as e:
+    except (InputError, LabelConfigError, RegistryError, ResourcePlanError) as e:
         raise SystemExit(f"cannot label: {e}") from None
     except (StorageError, OSError) as e:  # storage failed mid-run: what was committed stays
         raise SystemExit(f"cannot label: {e}\nthe same command again labels what is missing") from None

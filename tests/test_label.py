@@ -27,7 +27,7 @@ from pipelines.cluster import ResourcePlanError
 from pipelines.data.dataset import DataSet
 from pipelines.data.prepare import prepare
 from pipelines.label.inputs import InputError, resolve
-from pipelines.label.job import LabelConfig, LabelPlan, label, plan_label_cpus, read_labels
+from pipelines.label.job import LabelConfig, LabelConfigError, LabelPlan, label, plan_label_cpus, read_labels
 from pipelines.preprocess import eval_transform, normalize
 from pipelines.registry.promote import promote
 from pipelines.registry.store import Registry
@@ -120,6 +120,21 @@ def test_a_finished_job_run_again_writes_nothing(registry, tmp_path):
     assert again.written == 0 and again.rows == first.rows == len({r["path"] for r in rows(out)})
 
 
+def test_a_rerun_must_label_as_the_first_run_did(registry, tmp_path):
+    """The output records what its first run labeled with: a rerun with another top-k (another schema) is
+    refused, and so is an output that holds files of something else. The run leaves Ray Data's checkpointing
+    off for whatever this process builds next (a training run's pipeline has no ``path`` column)."""
+    out = str(tmp_path / "labels")
+    label(LabelConfig(registry["data"], out, ROOT, "tiny", split="val", top_k=3))
+    assert ray.data.DataContext.get_current().checkpoint_config is None
+    with pytest.raises(LabelConfigError, match=r"labeled differently \(top_k 3 then, 2 now\)"):
+        label(LabelConfig(registry["data"], out, ROOT, "tiny", split="val", top_k=2))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.parquet").write_bytes(_parquet({"a": [1]}))
+    with pytest.raises(LabelConfigError, match="holds files of something else"):
+        label(LabelConfig(registry["data"], str(tmp_path / "other"), ROOT, "tiny", split="val"))
+
+
 def test_inputs_that_name_nothing_are_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"no manifest\.json, no \.tar shards and no images"):
         resolve(str(tmp_path))
@@ -127,6 +142,14 @@ def test_inputs_that_name_nothing_are_a_clear_error(tmp_path):
         resolve(str(tmp_path), "val")
     with pytest.raises(InputError, match=r"2 of the 2 shards of .* do not exist"):
         resolve(str(tmp_path / "shard-{0..1}.tar"))
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    assert [(u.uri, u.kind) for u in resolve(str(tmp_path / "b.jpg"))] == [(str(tmp_path / "b.jpg"), "image")]
+    with pytest.raises(InputError, match=r"holds both \.tar shards and image files"):
+        resolve(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"manifest\.json"):
+        resolve(str(tmp_path))
 
 
 def test_a_run_killed_midway_then_resumed_has_exactly_one_row_per_input(registry, ray_cluster, tmp_path):
@@ -194,7 +217,7 @@ def test_a_worker_node_lost_midway_leaves_the_counts_exact(registry, add_nodes, 
 def test_beside_a_job_that_holds_cpus_the_plan_fits_what_is_free_or_is_an_error(registry, tmp_path):
     """Labeling on a cluster where something else (a training run, a Serve app) holds all CPUs but one: the
     decode and the model share the free one (planned from all CPUs, the job waited forever). None free: a
-    clear error at once."""
+    clear error once the plan's wait for CPUs being freed is over."""
     folder = noise_images(tmp_path / "images", 20)
     free = ray.available_resources()["CPU"]
     held = placement_group([{"CPU": free - 1}])
@@ -260,13 +283,15 @@ def test_tens_of_thousands_of_images_keep_the_driver_memory_flat(registry, tmp_p
 
 
 def test_the_cpu_plan_fits_decode_beside_the_model_or_is_a_clear_error():
-    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=False) == LabelPlan(1.0, 1.0)
-    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=True) == LabelPlan(0.5, 0.5)  # + the filter's 1
-    assert plan_label_cpus(2, (1, 4), use_gpu=False, resuming=False) == LabelPlan(0.5, 0.37)  # 4 actors share 1.5
+    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=False) == LabelPlan(1.0, 0.9)  # + writes 0.1
+    assert plan_label_cpus(2, (1, 1), use_gpu=False, resuming=True) == LabelPlan(0.5, 0.4)  # + the filter's 1
+    assert plan_label_cpus(2, (1, 4), use_gpu=False, resuming=False) == LabelPlan(0.5, 0.35)  # 4 actors share 1.4
     assert plan_label_cpus(16, (1, 4), use_gpu=False, resuming=False) == LabelPlan(1.0, 1.0)
     assert plan_label_cpus(4, (1, 1), use_gpu=True, resuming=False) == LabelPlan(1.0, 0.0)  # the GPU actor needs no CPU
-    with pytest.raises(ResourcePlanError, match=r"1 free CPU\(s\): 1 model actor\(s\), decode tasks and Ray Data"):
+    with pytest.raises(ResourcePlanError, match=r"1 free CPU\(s\): 1 model actor\(s\), decode tasks, writes and Ray"):
         plan_label_cpus(1, (1, 1), use_gpu=False, resuming=True)
+    with pytest.raises(ResourcePlanError, match=r"1 free CPU\(s\)"):  # a GPU actor, but no CPU to decode with
+        plan_label_cpus(1, (1, 1), use_gpu=True, resuming=True)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

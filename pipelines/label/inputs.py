@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -32,6 +34,9 @@ from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, read_tar
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
 IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
+FETCH_THREADS = 8  # image files a read task fetches at once
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("error", pa.string())])
 
@@ -65,21 +70,27 @@ def resolve(spec: str, split: str | None = None) -> list[Unit]:
             raise InputError(f"{len(missing)} of the {len(units)} shards of {spec} do not exist, e.g. {missing[0]}")
         return units
     if storage.exists(storage.join(spec, "manifest.json")):
-        data = DataSet.load(spec)
         try:
+            data = DataSet.load(spec)
             splits = [split] if split else data.splits
             return [Unit(s.uri, "tar", s.samples) for name in splits for s in data.shards(name)]
-        except DatasetError as e:
-            raise InputError(str(e)) from None
+        except (DatasetError, ValueError, KeyError) as e:  # a manifest that is not ours, or damaged
+            raise InputError(f"{spec}/manifest.json: {e}") from None
     if spec.lower().endswith(LIST_SUFFIXES) and storage.exists(spec):
         return [Unit(u, "image") for u in read_list(spec)]
     if split:
         raise InputError(f"--split {split}: {spec} is no prepared data set (no manifest.json)")
-    files = storage.list_files(spec)
+    one_file = storage.parse(spec).key and not spec.endswith("/") and storage.head(spec) is not None
+    files = [spec] if one_file else storage.list_files(spec)  # one file, or a folder / prefix
     tars = [f for f in files if f.lower().endswith(".tar")]
+    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES]
+    if tars and images:
+        raise InputError(f"{spec} holds both .tar shards and image files: name one kind (a subfolder, or a list)")
+    if len(tars) + len(images) < len(files):
+        log.warning("%s: %d file(s) neither .tar nor an image (%s) are left out", spec,
+                    len(files) - len(tars) - len(images), ", ".join(IMAGE_SUFFIXES))  # fmt: skip
     if tars:
         return [Unit(f, "tar") for f in tars]
-    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES]
     if not images:
         raise InputError(
             f"{spec} holds no manifest.json, no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}); "
@@ -121,7 +132,8 @@ def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
     try:
         stream = fs.open_input_stream(path)
     except UNREADABLE as e:
-        yield _error_table(unit.uri, f"cannot read: {e}")
+        held = f"; the manifest says it held {unit.expected} samples" if unit.expected is not None else ""
+        yield _error_table(unit.uri, f"cannot read: {e}{held}")
         return
     broken, samples = None, 0
     with stream:
@@ -147,13 +159,18 @@ def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
         yield _error_table(unit.uri, f"{broken}; {missing}")
 
 
+def _image_row(unit: Unit) -> dict:
+    try:
+        return {"path": unit.uri, "image": storage.read_bytes(unit.uri), "label": None, "error": None}
+    except UNREADABLE as e:
+        return {"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"}
+
+
 def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
-    rows = []
-    for unit in units:
-        try:
-            rows.append({"path": unit.uri, "image": storage.read_bytes(unit.uri), "label": None, "error": None})
-        except UNREADABLE as e:
-            rows.append({"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"})
+    """Image files, fetched by a few threads at once: one object store request after another would leave
+    the task waiting on S3's latency rather than decoding."""
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        rows = list(pool.map(_image_row, units))
     yield pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

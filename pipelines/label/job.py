@@ -17,6 +17,7 @@ run again writes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,8 +40,14 @@ from pipelines.registry.store import Registry
 log = logging.getLogger(__name__)
 
 ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_tiny_240 on CPU: 0.9 GiB)
+WRITE_CPUS = 0.1  # a Parquet write task (Ray Data's default, 1, would wait for a whole free CPU)
 FREE_CPU_WAIT_S = 20.0  # how long a plan that does not fit waits for CPUs that are being freed
 CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
+JOB_RECORD = "_label_job.json"  # what the first run labeled with (see _pin_the_job)
+
+
+class LabelConfigError(ValueError):
+    """A rerun that would label an output differently from its first run, or an output used by something else."""
 
 
 @dataclass
@@ -70,23 +77,24 @@ class LabelPlan:
     def describe(self, cluster_cpus: float, replicas: tuple[int, int], resuming: bool) -> str:
         return (
             f"CPU plan: {cluster_cpus:g} free CPUs; up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} "
-            f"each, decode tasks {self.decode_cpus:g} each"
+            f"each, decode tasks {self.decode_cpus:g} each, writes {WRITE_CPUS:g}"
             + (", 1 for Ray Data's checkpoint filter (resuming)" if resuming else "")
         )
 
 
 def plan_label_cpus(cluster_cpus: float, replicas: tuple[int, int], use_gpu: bool, resuming: bool) -> LabelPlan:
-    """The model's actors and the decode tasks share the CPUs; a resumed run also has Ray Data's checkpoint
-    filter (an actor of 1 CPU, which Ray does not let us change). What the actors reserve is lowered so that
-    a decode task always fits, or it is an error with the numbers: never a pipeline waiting forever."""
+    """The model's actors, the decode tasks and the Parquet writes share the CPUs; a resumed run also has Ray
+    Data's checkpoint filter (an actor of 1 CPU, which Ray does not let us change). What the actors reserve
+    is lowered so that a decode task and a write always fit, or it is an error with the numbers: never a
+    pipeline waiting forever."""
     filter_cpus = 1.0 if resuming else 0.0
     wanted = 0.0 if use_gpu else 1.0
     decode = 1.0 if cluster_cpus - filter_cpus - replicas[1] * wanted >= 1 else 0.5
-    spare = cluster_cpus - filter_cpus - decode
+    spare = cluster_cpus - filter_cpus - decode - WRITE_CPUS
     actor = wanted if replicas[1] * wanted <= spare else math.floor(100 * spare / replicas[1]) / 100
-    if not use_gpu and actor <= 0:
+    if spare < 0 or (not use_gpu and actor <= 0):
         raise ResourcePlanError(
-            f"the cluster has {cluster_cpus:g} free CPU(s): {replicas[1]} model actor(s), decode tasks"
+            f"the cluster has {cluster_cpus:g} free CPU(s): {replicas[1]} model actor(s), decode tasks, writes"
             + (" and Ray Data's checkpoint filter (1 CPU, resuming)" if resuming else "")
             + " do not fit. Fix: start Ray with more CPUs, use fewer --replicas, or add a node"
         )
@@ -230,27 +238,78 @@ def _count(output: str) -> tuple[int, int]:
     return rows, errors
 
 
+def _committed(fs: pa.fs.FileSystem, checkpoint_path: str) -> int:
+    """Ids the checkpoint has committed (written and recorded): what a run added is the difference. Counting
+    data files instead would count a killed run's uncommitted part, which the next run deletes."""
+    files = [f.path for f in fs.get_file_info(pa.fs.FileSelector(checkpoint_path, allow_not_found=True))
+             if f.path.endswith(".parquet") and ".pending" not in f.path]  # fmt: skip
+    return pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
+
+
+def _job_record(cfg: LabelConfig, version: int) -> dict:
+    return {"input": cfg.input, "split": cfg.split, "model": cfg.model, "version": version, "top_k": cfg.top_k,
+            "embeddings": cfg.embeddings}  # fmt: skip
+
+
+def _pin_the_job(cfg: LabelConfig, reg: Registry, resuming: bool) -> int:
+    """The version to label with. The first run records what it labels (input, model, version, top-k,
+    embeddings) in the output; a rerun must label the same way (an alias that moved meanwhile keeps the
+    recorded version), else one output would mix models or schemas. An output that holds other files and no
+    record is refused."""
+    record_uri = storage.join(cfg.output, JOB_RECORD)
+    recorded = json.loads(storage.read_bytes(record_uri)) if storage.exists(record_uri) else None
+    if recorded is None:
+        if resuming or storage.list_files(cfg.output, ".parquet"):
+            raise LabelConfigError(
+                f"{cfg.output} holds files of something else (no {JOB_RECORD}): choose another --output"
+            )
+        version = reg.get(cfg.model, cfg.version) if cfg.version is not None else reg.resolve(cfg.model, cfg.alias)
+        storage.write_bytes(record_uri, json.dumps(_job_record(cfg, version.number), indent=1).encode())
+        return version.number
+    number = cfg.version if cfg.version is not None else recorded["version"]
+    wanted = _job_record(cfg, number)
+    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if differ:
+        said = ", ".join(f"{k} {old!r} then, {new!r} now" for k, (old, new) in differ.items())
+        raise LabelConfigError(
+            f"{cfg.output} was labeled differently ({said}): run it as before, or choose another --output"
+        )
+    return number
+
+
 def label(cfg: LabelConfig) -> LabelResult:
     """Run (or resume) a labeling job; see the module's docstring."""
     start = time.perf_counter()
+    units = resolve(cfg.input, cfg.split)  # before Ray starts: a wrong input fails at once
     connect()
     reg = Registry(cfg.registry)
-    version = reg.get(cfg.model, cfg.version) if cfg.version is not None else reg.resolve(cfg.model, cfg.alias)
-    units = resolve(cfg.input, cfg.split)
     fs, out_path = storage.filesystem(cfg.output)
     checkpoint_path = f"{out_path.rstrip('/')}/{CHECKPOINT_FOLDER}"
     resuming = fs.get_file_info(checkpoint_path).type != pa.fs.FileType.NotFound
-    before, _ = _count(cfg.output) if resuming else (0, 0)
+    version = reg.get(cfg.model, _pin_the_job(cfg, reg, resuming))
+    before = _committed(fs, checkpoint_path)
     free_cpus, plan = _plan_from_free_cpus(cfg, resuming)
     log.info("%s", plan.describe(free_cpus, cfg.replicas, resuming))
     log.info("labeling %d input unit(s) of %s with %s version %d", len(units), cfg.input, cfg.model, version.number)
 
     ctx = ray.data.DataContext.get_current()
+    previous = ctx.checkpoint_config  # restored at the end: later pipelines of this process must not inherit it
     checkpoint = CheckpointConfig(
         id_column="path", checkpoint_path=checkpoint_path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
     checkpoint.checkpoint_actor_pool_max_size = 1
     ctx.checkpoint_config = checkpoint
+    try:
+        _run(cfg, units, version, plan, fs, out_path)
+    finally:
+        ctx.checkpoint_config = previous
+    rows, errors = _count(cfg.output)
+    written = _committed(fs, checkpoint_path) - before
+    return LabelResult(cfg.output, rows, errors, written, time.perf_counter() - start)
+
+
+def _run(cfg: LabelConfig, units: list, version, plan: LabelPlan, fs: pa.fs.FileSystem, out_path: str) -> None:
+    """The Ray Data pipeline: read + decode (CPU tasks) -> the model (actor pool) -> Parquet."""
     # Read and decode ask for the same CPUs, so Ray fuses them into one task per shard.
     source = InputDatasource(units)
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=plan.decode_cpus)
@@ -262,7 +321,15 @@ def label(cfg: LabelConfig) -> LabelResult:
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.replicas[1]))
     ds = ds.map_batches(
         Labeler,
-        fn_constructor_args=(cfg.registry, cfg.model, version.number, cfg.top_k, cfg.embeddings, cfg.use_gpu, threads),
+        fn_constructor_kwargs={
+            "registry": cfg.registry,
+            "model": cfg.model,
+            "version": version.number,
+            "top_k": cfg.top_k,
+            "embeddings": cfg.embeddings,
+            "use_gpu": cfg.use_gpu,
+            "threads": threads,
+        },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.replicas[0], max_size=cfg.replicas[1]),
         num_cpus=plan.actor_cpus,
@@ -273,6 +340,4 @@ def label(cfg: LabelConfig) -> LabelResult:
         memory=ACTOR_MEMORY,
         batch_format="numpy",
     )
-    ds.write_parquet(out_path, filesystem=fs)
-    rows, errors = _count(cfg.output)
-    return LabelResult(cfg.output, rows, errors, rows - before, time.perf_counter() - start)
+    ds.write_parquet(out_path, filesystem=fs, ray_remote_args={"num_cpus": WRITE_CPUS})
