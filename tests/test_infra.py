@@ -9,11 +9,13 @@ and the Ray, Python, torch and image versions are the ones pyproject.toml pins a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import importlib
 import re
 import shlex
 import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from botocore.validate import ParamValidator
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from pydantic import BaseModel
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
@@ -36,6 +39,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from pipelines.cluster import SERVE_ENV, plan_training_cpus
 from pipelines.label.job import plan_label_cpus
+from pipelines.serve.app import ServeSettings
 from pipelines.serve.deploy import deployment_options, plan_serving_resources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -511,15 +515,61 @@ def test_every_secret_reference_names_a_secret_and_key_that_secrets_example_defi
 # --------------------------------------------------------------------------------------------------------
 
 
+def model_in(annotation: object) -> type[BaseModel] | None:
+    """The pydantic model a field's annotation names, through Optional, Union, List and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, (model_in(arg) for arg in typing.get_args(annotation))), None)
+
+
+def unknown_fields(model: type[BaseModel], data: dict, where: str = "") -> list[str]:
+    """Keys Serve's schema does not define. Its models ignore extra keys, so a misspelt option (max_replica)
+    would be dropped without a word on deploy: the schema's fields are the check, as KubeRay's CRD's are."""
+    fields = {f.alias or name: f for name, f in model.model_fields.items()} | model.model_fields
+    found = []
+    for key, value in data.items():
+        if key not in fields:
+            found.append(f"{where}{key}")
+            continue
+        sub = model_in(fields[key].annotation)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if sub and isinstance(item, dict):
+                found += unknown_fields(sub, item, f"{where}{key}" + ("." if i is None else f"[{i}]."))
+    return found
+
+
+def serve_errors(config: dict) -> list[str]:
+    """What Serve's schema refuses or would drop, and application args that the app's ServeSettings lacks."""
+    ServeDeploySchema.model_validate(config)
+    settings = {f.name for f in dataclasses.fields(ServeSettings)}
+    args = [f"args.{k}" for app in config["applications"] for k in (app.get("args") or {}) if k not in settings]
+    return unknown_fields(ServeDeploySchema, config) + args
+
+
 def test_the_rayservice_serves_infra_serve_yaml_through_serves_schema():
     service = one("RayService", "crossvit-online")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    ServeDeploySchema.model_validate(config)
+    assert serve_errors(config) == []
     assert config == yaml.safe_load((INFRA / "serve.yaml").read_text())  # the CPU profile, unchanged
+    assert serve_errors(yaml.safe_load((INFRA / "serve-gpu.yaml").read_text())) == []
     (app,) = config["applications"]
     module, _, attribute = app["import_path"].partition(":")
     source = REPO / (module.replace(".", "/") + ".py")
     assert source.is_file() and re.search(rf"^def {attribute}\(", source.read_text(), re.M)
+
+
+def test_serve_errors_finds_misspelt_options():
+    config = yaml.safe_load((INFRA / "serve.yaml").read_text())
+    app = config["applications"][0]
+    app["deployments"][0]["max_ongoing_request"] = app["deployments"][0].pop("max_ongoing_requests")
+    app["deployments"][0]["autoscaling_config"]["max_replica"] = 4
+    app["args"]["poll_interval"] = 10
+    assert sorted(serve_errors(config)) == [
+        "applications[0].deployments[0].autoscaling_config.max_replica",
+        "applications[0].deployments[0].max_ongoing_request",
+        "args.poll_interval",
+    ]
 
 
 def test_the_rayservice_starts_every_node_with_serves_fast_path_and_the_apps_settings():
