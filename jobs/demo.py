@@ -2,15 +2,16 @@
 
 Starts an S3-compatible endpoint on loopback and a local Ray, generates the built-in sample data set,
 writes it as WebDataset shards to the bucket, streams batches through the Ray Data ingest pipeline into a
-small CrossViT, trains it with Ray Train (2 DDP workers), and prints what it did. Each stage of the
-product adds its step here.
+small CrossViT, trains it with Ray Train (2 DDP workers), promotes the run into the model registry, serves
+it with Ray Serve over HTTP, labels the validation split with Ray Data into Parquet, and ends with where
+everything is (under --workdir, which outlives the endpoint). ``--ray-address`` and ``--bucket`` point it
+at a real cluster and a real bucket instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,18 @@ from pipelines.data.sample import max_classes
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", help="where the sample images go (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        default="crossvit-demo",
+        help="where the sample images and, with the loopback "
+        "endpoint, a copy of the bucket (shards, run, registry, labels) stay (default: ./crossvit-demo)",
+    )
+    p.add_argument(
+        "--bucket",
+        help="an s3:// prefix of a real bucket to use instead of the loopback endpoint "
+        "(credentials and endpoint from the usual AWS_* variables)",
+    )
+    p.add_argument("--ray-address", help="a running Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--classes", type=int, default=10, help=f"1 to {max_classes()} classes of the sample data set")
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--val-per-class", type=int, default=40)
@@ -37,10 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--image-size {args.image_size}: {e}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="crossvit-demo-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        demo.run(workdir, args.classes, args.train_per_class, args.val_per_class, args.image_size, args.epochs)
-    print(f"\ndemo finished in {time.monotonic() - start:.0f} s")
+    if args.bucket and not args.bucket.startswith("s3://"):
+        p.error(f"--bucket {args.bucket}: an s3:// prefix")
+    workdir = Path(args.workdir).resolve()
+    demo.run(workdir, args.classes, args.train_per_class, args.val_per_class, args.image_size, args.epochs,
+             bucket=args.bucket, ray_address=args.ray_address)  # fmt: skip
+    print(f"\ndemo finished in {time.monotonic() - start:.0f} s; what it made is under {workdir}")
 
 
 if __name__ == "__main__":

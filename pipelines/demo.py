@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from ray import serve
 
 from crossvit import create_model
+from pipelines import storage
 from pipelines.cluster import connect
 from pipelines.data.bad_samples import bad_sample_counter
 from pipelines.data.ingest import read_split
@@ -26,8 +30,7 @@ from pipelines.serve.deploy import deploy, load_serve_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 
-BUCKET = "s3://crossvit-demo"
-REGISTRY = f"{BUCKET}/registry"
+DEMO_BUCKET = "s3://crossvit-demo"  # on the loopback S3 endpoint
 SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve.yaml"
 
@@ -36,28 +39,89 @@ def _step(title: str) -> None:
     print(f"\n== {title}")
 
 
-def run(workdir: Path, classes: int, train_per_class: int, val_per_class: int, image_size: int, epochs: int) -> None:
-    with local_s3() as endpoint:
-        print(f"S3-compatible endpoint on {endpoint} (moto server); AWS_ENDPOINT_URL points at it")
+def run(
+    workdir: Path,
+    classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    image_size: int,
+    epochs: int,
+    bucket: str | None = None,
+    ray_address: str | None = None,
+) -> None:
+    """Every stage; the artefacts under ``bucket`` (default: the loopback S3 endpoint's bucket, copied into
+    ``workdir`` at the end, since the endpoint keeps them in memory only)."""
+    local = bucket is None
+    root = (bucket or DEMO_BUCKET).rstrip("/")
+    with local_s3() if local else contextlib.nullcontext() as endpoint:
+        if endpoint:
+            print(f"S3-compatible endpoint on {endpoint} (moto server); AWS_ENDPOINT_URL points at it")
         # The machine's own CPUs, as a user's `ray start` or `ray.init()` gives them: training plans them
         # between its workers and the data pipeline (pipelines/cluster.py).
-        # Ray Data announces every epoch's execution plan at INFO: the demo keeps its own lines readable.
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        connect(logging_level="WARNING")
+        # The demo's output is its own lines: Ray's notices (token authentication is on, Ray Data's execution
+        # plans and "progress bars disabled", Ray's deprecation notices to itself) go to Ray's log files
+        # only; errors still show. Worker processes inherit the environment from here.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+        connect(address=ray_address, logging_level="ERROR")
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        results: dict = {}
         try:
-            data_uri = _prepare(workdir, classes, train_per_class, val_per_class)
+            data_uri = _prepare(root, workdir, classes, train_per_class, val_per_class)
             _ingest(data_uri, image_size, classes)
-            _train(data_uri, epochs, image_size, classes)
-            _promote()
-            _serve(workdir / "sample" / "val")
-            _label(data_uri)
+            results["top1"] = _train(root, data_uri, epochs, image_size, classes)
+            _promote(root)
+            _serve(root, workdir / "sample" / "val")
+            results["labels"] = _label(root, data_uri)
         finally:
-            serve.delete("crossvit")  # the demo's application only, on a shared cluster too
+            with contextlib.suppress(Exception):  # the demo's application only, on a shared cluster too
+                serve.delete("crossvit")
             ray.shutdown()
+            if local:
+                kept = _keep(root, workdir / "bucket")
+        _summary(workdir, kept if local else root, data_uri, results)
 
 
-def _prepare(workdir: Path, classes: int, train_per_class: int, val_per_class: int) -> str:
+def _keep(root: str, folder: Path) -> Path:
+    """Copy everything under ``root`` into ``folder`` (same layout, replacing an earlier demo's), so that it
+    outlives the endpoint."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for uri in storage.list_files(root):
+        if uri.endswith("/"):  # a folder marker (pyarrow makes them on S3): the folders come with the files
+            continue
+        target = folder / uri[len(root) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(uri))
+    return folder
+
+
+def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> None:
+    _step("what the demo made, and how to run each stage on a real cluster")
+    at = str(where)
+    print(f"sample images (ImageNet layout): {workdir / 'sample'}")
+    print(f"shards and manifest:             {at}/datasets/sample/")
+    print(f"training run:                    {at}/runs/sample/ (checkpoints, metrics.json, metrics.csv)")
+    print(f"training curves:                 {at}/runs/sample/curves.png")
+    print(f"model registry:                  {at}/registry/sample/")
+    print(f"labels (Parquet):                {at}/labels/val/")
+    print(f"validation top-1 of the trained model: {results['top1']:.1f}%; "
+          f"accuracy of the batch labels: {results['labels']:.1f}%")  # fmt: skip
+    b = "s3://your-bucket"
+    print("on a cluster (ray start --head ..., or infra/: KubeRay, ray up), the same stages:")
+    for line in (
+        f"python -m jobs.prepare_data --source ~/imagenet --dest {b}/datasets/imagenet",
+        f"ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/crossvit_small_240.yaml "
+        f"--data {b}/datasets/imagenet --storage {b}/runs --name small-1",
+        f"python -m jobs.promote --run {b}/runs/small-1 --registry {b}/registry --model crossvit-small",
+        f"CROSSVIT_REGISTRY={b}/registry CROSSVIT_MODEL=crossvit-small serve deploy infra/serve-gpu.yaml",
+        f"ray job submit --working-dir . -- python -m jobs.label --input {b}/datasets/imagenet --split val "
+        f"--output {b}/labels/val --registry {b}/registry --model crossvit-small --use-gpu",
+    ):
+        print(f"  {line}")
+
+
+def _prepare(root: str, workdir: Path, classes: int, train_per_class: int, val_per_class: int) -> str:
     _step("1. sample data set -> WebDataset shards in object storage")
     t = time.monotonic()
     images = write_sample_dataset(workdir / "sample", SampleSpec(classes, train_per_class, val_per_class))
@@ -65,7 +129,7 @@ def _prepare(workdir: Path, classes: int, train_per_class: int, val_per_class: i
         f"generated {classes * (train_per_class + val_per_class)} images in ImageNet layout under {images} "
         f"({time.monotonic() - t:.1f} s)"
     )
-    data_uri = f"{BUCKET}/datasets/sample"
+    data_uri = f"{root}/datasets/sample"
     t = time.monotonic()
     manifest = prepare(str(images), data_uri, shard_size_mb=1)
     for split, info in manifest["splits"].items():
@@ -117,9 +181,9 @@ def _ingest(data_uri: str, image_size: int, classes: int) -> None:
     )
 
 
-def _train(data_uri: str, epochs: int, image_size: int, classes: int) -> None:
+def _train(root: str, data_uri: str, epochs: int, image_size: int, classes: int) -> float:
     _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
-    cfg = sample_config(image_size, data=data_uri, storage=f"{BUCKET}/runs", name="sample", epochs=epochs)
+    cfg = sample_config(image_size, data=data_uri, storage=f"{root}/runs", name="sample", epochs=epochs)
     t = time.monotonic()
     result = fit(cfg)  # raises when training fails
     m = result.metrics
@@ -128,24 +192,27 @@ def _train(data_uri: str, epochs: int, image_size: int, classes: int) -> None:
         f"(chance {100 / classes:.0f}%), top-5 {m['val_top5']:.1f}% over {m['val_samples']} images"
     )
     print(f"checkpoint: s3://{result.checkpoint.path}")
-    print(f"metrics: {BUCKET}/runs/sample/metrics.json (.csv), curves: {BUCKET}/runs/sample/curves.png")
+    print(f"metrics: {root}/runs/sample/metrics.json (.csv), curves: {root}/runs/sample/curves.png")
+    return m["val_top1"]
 
 
-def _promote() -> None:
+def _promote(root: str) -> None:
     _step("4. the model registry: the run's best checkpoint becomes version 1 of 'sample', alias production")
-    version, record = promote(f"{BUCKET}/runs/sample", REGISTRY, "sample")
+    registry = f"{root}/registry"
+    version, record = promote(f"{root}/runs/sample", registry, "sample")
     print(
-        f"registered {REGISTRY}/sample/versions/{version.number}/ (weights.safetensors, model.json) from "
+        f"registered {registry}/sample/versions/{version.number}/ (weights.safetensors, model.json) from "
         f"{version.meta['source']['checkpoint']}, top-1 {version.top1:.1f}%; production -> version {record['version']}"
     )
-    print(Registry(REGISTRY).table("sample"))
+    print(Registry(registry).table("sample"))
 
 
-def _serve(val_images: Path) -> None:
+def _serve(root: str, val_images: Path) -> None:
     _step("5. Ray Serve: the production version over HTTP (infra/serve.yaml), a few validation images")
     t = time.monotonic()
     config = load_serve_config(SERVE_CONFIG)
-    url = deploy(config, {"registry": REGISTRY, "model": "sample", "request_log_level": "WARNING"}, port=free_port())
+    settings = {"registry": f"{root}/registry", "model": "sample", "request_log_level": "WARNING"}
+    url = deploy(config, settings, port=free_port())
     print(f"serving at {url}/v1/classify ({time.monotonic() - t:.0f} s to deploy)")
     folders = sorted(p for p in val_images.iterdir() if p.is_dir())
     for folder in folders[:4]:
@@ -156,10 +223,10 @@ def _serve(val_images: Path) -> None:
     print(f"curl -X POST --data-binary @image.jpg '{url}/v1/classify?top_k=5'  # while it runs")
 
 
-def _label(data_uri: str) -> None:
+def _label(root: str, data_uri: str) -> float:
     _step("6. batch labeling with Ray Data: the validation split -> Parquet, one row per image")
-    output = f"{BUCKET}/labels/val"
-    result = label(LabelConfig(input=data_uri, output=output, registry=REGISTRY, model="sample", split="val", top_k=3))
+    output, registry = f"{root}/labels/val", f"{root}/registry"
+    result = label(LabelConfig(input=data_uri, output=output, registry=registry, model="sample", split="val", top_k=3))
     print(result.summary())
     table = read_labels(output, columns=["path", "names", "probs", "label", "labels", "error"])
     for row in table.slice(0, 3).to_pylist():
@@ -168,4 +235,5 @@ def _label(data_uri: str) -> None:
     right = sum(r["labels"] is not None and r["labels"][0] == r["label"] for r in table.to_pylist())
     print(f"accuracy of the labels against the ground truth: {100 * right / max(1, table.num_rows):.1f}% "
           f"({right} of {table.num_rows})")  # fmt: skip
-    print(f"python -m jobs.label --input {data_uri} --split val --output {output} --registry {REGISTRY} --model sample")
+    print(f"python -m jobs.label --input {data_uri} --split val --output {output} --registry {registry} --model sample")
+    return 100 * right / max(1, table.num_rows)

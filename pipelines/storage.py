@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -95,6 +96,8 @@ def s3_client():
     import boto3  # heavy, and not needed for local paths or by pyarrow's S3 (Ray Data, Ray Train)
     from botocore.config import Config  # with boto3
 
+    # botocore says at INFO where it found credentials and the endpoint, for every client of every process.
+    logging.getLogger("botocore").setLevel(max(logging.WARNING, logging.getLogger("botocore").level))
     retries = {"max_attempts": _max_attempts(), "mode": os.environ.get("AWS_RETRY_MODE", "adaptive")}
     config = Config(retries=retries, connect_timeout=10, read_timeout=60)
     return boto3.session.Session().client("s3", region_name=_region(), config=config)

@@ -74,7 +74,7 @@ def ray_cluster(s3_endpoint):
     Ray's default 15 s, so that the node-loss tests do not wait on it."""
     import ray
 
-    from pipelines.cluster import SERVE_ENV
+    from pipelines.cluster import HAPROXY_PORTS, SERVE_ENV
     from pipelines.local_s3 import free_port
 
     port, dashboard_port = free_port(), free_port()
@@ -87,6 +87,7 @@ def ray_cluster(s3_endpoint):
         # Keep idle worker processes and take Serve's fast path, as pipelines.cluster.connect does for a
         # local cluster (see there): the tests exercise the Serve configuration the product starts.
         "RAY_num_workers_soft_limit": "16",
+        **{name: str(free_port()) for name in HAPROXY_PORTS},  # as connect() does: another Serve may run here
     }
     subprocess.run(
         [

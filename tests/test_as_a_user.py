@@ -115,10 +115,11 @@ def test_train_with_no_cluster_runs_on_the_machines_own_cpus(user_env, sample_im
     assert [m["epoch"] for m in load_history(str(tmp_path / "runs" / "sample"))] == [0, 1, 2]
 
 
-def test_the_demo_runs_with_another_class_count(user_env):
+def test_the_demo_runs_with_another_class_count(user_env, tmp_path):
     """`python -m jobs.demo --classes 12`: the model, the mixing and the printed chance follow the data set
-    (10 classes were hard-coded)."""
-    cmd = [sys.executable, "-m", "jobs.demo", "--classes", "12", "--train-per-class", "8", "--val-per-class", "2"]
+    (10 classes were hard-coded). What it made stays in --workdir after it exits (the endpoint does not)."""
+    cmd = [sys.executable, "-m", "jobs.demo", "--classes", "12", "--train-per-class", "8", "--val-per-class", "2",
+           "--workdir", str(tmp_path / "demo")]  # fmt: skip
     out = subprocess.run([*cmd, "--epochs", "1"], cwd=REPO, env=user_env, capture_output=True, text=True, timeout=420)
     assert out.returncode == 0, _tail(out)
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
@@ -127,6 +128,11 @@ def test_the_demo_runs_with_another_class_count(user_env):
     # and the validation split labeled in bulk, one row per image, scored against its ground truth
     assert re.search(r"labeled 24 input\(s\) .* holds 24 row\(s\), 0 with an error", out.stdout), _tail(out)
     assert re.search(r"accuracy of the labels against the ground truth: [\d.]+% \(\d+ of 24\)", out.stdout)
+    kept = tmp_path / "demo" / "bucket"
+    assert (kept / "datasets" / "sample" / "manifest.json").is_file()
+    assert Image.open(kept / "runs" / "sample" / "curves.png").size == (1200, 360)
+    assert (kept / "registry" / "sample").is_dir() and list((kept / "labels" / "val").glob("*.parquet"))
+    assert f"training curves:                 {kept}/runs/sample/curves.png" in out.stdout
 
 
 def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):

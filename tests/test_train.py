@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import RAY_CLI, checkpointed, train_workers, when
+from PIL import Image
 
 import crossvit
 from pipelines import storage
@@ -23,7 +24,7 @@ from pipelines.data.dataset import load_manifest
 from pipelines.data.prepare import prepare
 from pipelines.train.config import ConfigChangedError, TrainConfig, parse_overrides, scaling
 from pipelines.train.launch import fit
-from pipelines.train.metrics import load_history
+from pipelines.train.metrics import curves_figure, load_history, plot_curves
 from pipelines.train.optim import lr_at, param_groups
 from pipelines.train.state import training_state
 
@@ -49,6 +50,25 @@ def test_no_weight_decay_on_norms_biases_tokens_and_position_embeddings():
     assert {"pos_embed_0", "cls_token_1", "norm.0.weight", "head.0.bias"} <= skipped
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"]) and decay["weight_decay"] == 0.05
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_the_curves_are_a_real_plot():
+    """Loss, top-1/top-5 and the learning rate against the epoch, each with axes, ticks, a grid and a legend;
+    epochs without an evaluation leave gaps, not zeros."""
+    history = [
+        {"epoch": e, "lr": 1e-3 * (e + 1), "train_loss": 2 - 0.3 * e, "val_loss": 2.1 - 0.3 * e if e % 2 else None,
+         "val_top1": 20.0 + 10 * e if e % 2 else None, "val_top5": 50.0 + 10 * e if e % 2 else None}
+        for e in range(4)
+    ]  # fmt: skip
+    fig = curves_figure(history)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "validation accuracy", "learning rate"]
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() and ax.get_legend() is not None
+        assert ax.xaxis.get_gridlines()[0].get_visible() and len(ax.get_yticks()) >= 3
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [4, 2]  # train every epoch, val every other
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["top-1", "top-5"]
+    png = Image.open(io.BytesIO(plot_curves(history)))
+    assert png.format == "PNG" and png.size == (1200, 360)
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_per_iteration():

@@ -1,6 +1,6 @@
 """Per-epoch metrics beside the checkpoints: metrics.json, metrics.csv and a PNG of the training curves.
 
-Pillow draws the curves, so plotting needs no extra dependency.
+matplotlib draws the curves (its object API with the Agg canvas: no display, no pyplot state).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import csv
 import io
 import json
 
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
 
 from pipelines import storage
 
@@ -59,40 +59,39 @@ def format_epoch(m: dict, epochs: int) -> str:
     )
 
 
-def plot_curves(history: list[dict], width: int = 640, height: int = 360) -> bytes:
-    """Two panels as a PNG: losses (train, val) and validation top-1 (%), against the epoch."""
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
+def curves_figure(history: list[dict]) -> Figure:
+    """Three panels against the epoch: the losses (train, validation), validation top-1 and top-5 (%), and
+    the learning rate (log scale), each with axes, ticks, a grid and a legend. Epochs without an evaluation
+    (``eval_every``) leave gaps in the validation lines."""
+    fig = Figure(figsize=(12, 3.6), dpi=100, layout="constrained")  # no pyplot: no global state, any thread
+    loss, accuracy, lr = fig.subplots(1, 3)
     epochs = [m["epoch"] + 1 for m in history]
-    panels = [
-        ("loss", [("train_loss", (31, 119, 180)), ("val_loss", (255, 127, 14))], 0),
-        ("val top-1 %", [("val_top1", (44, 160, 44))], width // 2),
-    ]
-    for title, series, x0 in panels:
-        left, top, right, bottom = x0 + 40, 30, x0 + width // 2 - 15, height - 30
-        draw.rectangle((left, top, right, bottom), outline="black")
-        draw.text((left, 10), title, fill="black")
-        for i, (key, colour) in enumerate(series):  # the legend: each series' name in its colour
-            draw.text((left + 90 + 80 * i, 10), key, fill=colour)
-        values = [m[k] for k, _ in series for m in history if m.get(k) is not None]
-        if not values or not epochs:
-            continue
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1
-        draw.text((x0 + 2, top), f"{hi:.2f}", fill="black")
-        draw.text((x0 + 2, bottom - 10), f"{lo:.2f}", fill="black")
-        span = max(epochs[-1] - epochs[0], 1)
-        for key, colour in series:
-            points = [
-                (left + (e - epochs[0]) / span * (right - left), bottom - (m[key] - lo) / (hi - lo) * (bottom - top))
-                for e, m in zip(epochs, history)
-                if m.get(key) is not None
-            ]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for x, y in points:
-                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((left, bottom + 8), f"epoch {epochs[0]} .. {epochs[-1]}", fill="black")
+
+    def line(ax, key: str, label: str, **style) -> None:
+        points = [(e, m[key]) for e, m in zip(epochs, history) if m.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label, **style)
+
+    line(loss, "train_loss", "train")
+    line(loss, "val_loss", "validation")
+    line(accuracy, "val_top1", "top-1")
+    line(accuracy, "val_top5", "top-5")
+    line(lr, "lr", "learning rate", color="tab:purple")
+    lr.set_yscale("log")
+    for ax, title, unit in ((loss, "loss", "cross-entropy"), (accuracy, "validation accuracy", "%"),
+                            (lr, "learning rate", "lr")):  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend()
+    return fig
+
+
+def plot_curves(history: list[dict]) -> bytes:
+    """The training curves as a PNG (matplotlib, rendered without a display)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    curves_figure(history).savefig(buf, format="png")
     return buf.getvalue()
