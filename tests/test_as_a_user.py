@@ -20,6 +20,7 @@ import requests
 from helpers import stop_ray, write_run
 from PIL import Image
 
+from pipelines import storage
 from pipelines.data.prepare import prepare
 from pipelines.local_s3 import free_port
 from pipelines.registry.promote import promote
@@ -133,6 +134,29 @@ def test_the_demo_runs_with_another_class_count(user_env, tmp_path):
     assert Image.open(kept / "runs" / "sample" / "curves.png").size == (1200, 360)
     assert (kept / "registry" / "sample").is_dir() and list((kept / "labels" / "val").glob("*.parquet"))
     assert f"training curves:                 {kept}/runs/sample/curves.png" in out.stdout
+
+
+def test_the_demo_on_a_cluster_and_a_bucket_of_yours(ray_cluster, tmp_path):
+    """`--ray-address` and `--bucket` point the demo at real infrastructure (here: the session's cluster, and
+    the loopback endpoint standing in for S3). No endpoint of its own; what it made stays in the bucket."""
+    from ray import serve
+
+    bucket = f"s3://demo-cluster/{tmp_path.name}"
+    storage.ensure_bucket(bucket)
+    cmd = [sys.executable, "-m", "jobs.demo", "--classes", "4", "--train-per-class", "8", "--val-per-class", "2",
+           "--epochs", "1", "--workdir", str(tmp_path / "demo"), "--bucket", bucket,
+           "--ray-address", ray_cluster["address"]]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=420)
+    finally:
+        serve.shutdown()  # the demo deleted its app; its proxy must not keep the session's HTTP port
+    assert out.returncode == 0, _tail(out)
+    assert "S3-compatible endpoint on" not in out.stdout and not (tmp_path / "demo" / "bucket").exists()
+    assert f"shards and manifest:             {bucket}/datasets/sample/" in out.stdout
+    assert storage.exists(f"{bucket}/runs/sample/curves.png") and storage.exists(
+        f"{bucket}/registry/sample/aliases/production.json"
+    )
+    assert re.search(r"labeled 8 input\(s\)", out.stdout), _tail(out)
 
 
 def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
