@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         demo.sample_config(args.image_size)
     except ValueError as e:
         p.error(f"--image-size {args.image_size}: {e}")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    start = time.monotonic()
     if args.bucket and not args.bucket.startswith("s3://"):
         p.error(f"--bucket {args.bucket}: an s3:// prefix")
+    if args.ray_address and not args.bucket:
+        p.error("--ray-address needs --bucket: the cluster's nodes cannot reach this machine's loopback endpoint")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    start = time.monotonic()
     workdir = Path(args.workdir).resolve()
     demo.run(workdir, args.classes, args.train_per_class, args.val_per_class, args.image_size, args.epochs,
              bucket=args.bucket, ray_address=args.ray_address)  # fmt: skip

@@ -31,6 +31,9 @@ from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 
 DEMO_BUCKET = "s3://crossvit-demo"  # on the loopback S3 endpoint
+# infra/serve.yaml's application under a name and route of its own: on a cluster that serves the real one
+# (--ray-address), the demo neither replaces nor deletes it.
+DEMO_APP, DEMO_ROUTE = "crossvit-demo", "/demo"
 SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sample.yaml"
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve.yaml"
 
@@ -66,17 +69,17 @@ def run(
         connect(address=ray_address, logging_level="ERROR")
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        results: dict = {}
+        results: dict[str, object] = {}
         try:
             data_uri = _prepare(root, workdir, classes, train_per_class, val_per_class)
             _ingest(data_uri, image_size, classes)
             results["top1"] = _train(root, data_uri, epochs, image_size, classes)
             _promote(root)
-            _serve(root, workdir / "sample" / "val")
-            results["labels"] = _label(root, data_uri)
+            results["served"] = _serve(root, workdir / "sample" / "val")
+            results["labels"], results["labeled"] = _label(root, data_uri)
         finally:
-            with contextlib.suppress(Exception):  # the demo's application only, on a shared cluster too
-                serve.delete("crossvit")
+            with contextlib.suppress(Exception):  # the demo's own application only, on a shared cluster too
+                serve.delete(DEMO_APP)
             ray.shutdown()
             if local:
                 kept = _keep(root, workdir / "bucket")
@@ -97,6 +100,7 @@ def _keep(root: str, folder: Path) -> Path:
 
 
 def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> None:
+    """Where every artefact is, the results, and the commands that run each stage on a cluster."""
     _step("what the demo made, and how to run each stage on a real cluster")
     at = str(where)
     print(f"sample images (ImageNet layout): {workdir / 'sample'}")
@@ -107,6 +111,9 @@ def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> 
     print(f"labels (Parquet):                {at}/labels/val/")
     print(f"validation top-1 of the trained model: {results['top1']:.1f}%; "
           f"accuracy of the batch labels: {results['labels']:.1f}%")  # fmt: skip
+    print("example predictions, online (Serve) and in bulk (Parquet):")
+    for line in [*results["served"][:2], *results["labeled"][:2]]:
+        print(f"  {line}")
     b = "s3://your-bucket"
     print("on a cluster (ray start --head ..., or infra/: KubeRay, ray up), the same stages:")
     for line in (
@@ -114,7 +121,8 @@ def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> 
         f"ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/crossvit_small_240.yaml "
         f"--data {b}/datasets/imagenet --storage {b}/runs --name small-1",
         f"python -m jobs.promote --run {b}/runs/small-1 --registry {b}/registry --model crossvit-small",
-        f"CROSSVIT_REGISTRY={b}/registry CROSSVIT_MODEL=crossvit-small serve deploy infra/serve-gpu.yaml",
+        f"ray job submit --working-dir . -- python -m jobs.serve --registry {b}/registry --model crossvit-small "
+        "--config infra/serve-gpu.yaml --host 0.0.0.0",
         f"ray job submit --working-dir . -- python -m jobs.label --input {b}/datasets/imagenet --split val "
         f"--output {b}/labels/val --registry {b}/registry --model crossvit-small --use-gpu",
     ):
@@ -207,33 +215,39 @@ def _promote(root: str) -> None:
     print(Registry(registry).table("sample"))
 
 
-def _serve(root: str, val_images: Path) -> None:
+def _serve(root: str, val_images: Path) -> list[str]:
     _step("5. Ray Serve: the production version over HTTP (infra/serve.yaml), a few validation images")
     t = time.monotonic()
     config = load_serve_config(SERVE_CONFIG)
+    config["applications"][0].update(name=DEMO_APP, route_prefix=DEMO_ROUTE)
     settings = {"registry": f"{root}/registry", "model": "sample", "request_log_level": "WARNING"}
     url = deploy(config, settings, port=free_port())
     print(f"serving at {url}/v1/classify ({time.monotonic() - t:.0f} s to deploy)")
     folders = sorted(p for p in val_images.iterdir() if p.is_dir())
+    lines = []
     for folder in folders[:4]:
         image = sorted(folder.iterdir())[0]
         answer = requests.post(f"{url}/v1/classify", params={"top_k": 3}, data=image.read_bytes(), timeout=60).json()
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
-        print(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
+        lines.append(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
+        print(lines[-1])
     print(f"curl -X POST --data-binary @image.jpg '{url}/v1/classify?top_k=5'  # while it runs")
+    return lines
 
 
-def _label(root: str, data_uri: str) -> float:
+def _label(root: str, data_uri: str) -> tuple[float, list[str]]:
     _step("6. batch labeling with Ray Data: the validation split -> Parquet, one row per image")
     output, registry = f"{root}/labels/val", f"{root}/registry"
     result = label(LabelConfig(input=data_uri, output=output, registry=registry, model="sample", split="val", top_k=3))
     print(result.summary())
     table = read_labels(output, columns=["path", "names", "probs", "label", "labels", "error"])
+    lines = []
     for row in table.slice(0, 3).to_pylist():
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(row["names"], row["probs"]))
-        print(f"{row['path'].rsplit('/', 1)[-1]} -> {guesses}")
+        lines.append(f"{row['path'].rsplit('/', 1)[-1]} -> {guesses}")
+        print(lines[-1])
     right = sum(r["labels"] is not None and r["labels"][0] == r["label"] for r in table.to_pylist())
     print(f"accuracy of the labels against the ground truth: {100 * right / max(1, table.num_rows):.1f}% "
           f"({right} of {table.num_rows})")  # fmt: skip
     print(f"python -m jobs.label --input {data_uri} --split val --output {output} --registry {registry} --model sample")
-    return 100 * right / max(1, table.num_rows)
+    return 100 * right / max(1, table.num_rows), lines

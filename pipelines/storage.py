@@ -97,7 +97,8 @@ def s3_client():
     from botocore.config import Config  # with boto3
 
     # botocore says at INFO where it found credentials and the endpoint, for every client of every process.
-    logging.getLogger("botocore").setLevel(max(logging.WARNING, logging.getLogger("botocore").level))
+    if logging.getLogger("botocore").level == logging.NOTSET:  # a level the user set is theirs
+        logging.getLogger("botocore").setLevel(logging.WARNING)
     retries = {"max_attempts": _max_attempts(), "mode": os.environ.get("AWS_RETRY_MODE", "adaptive")}
     config = Config(retries=retries, connect_timeout=10, read_timeout=60)
     return boto3.session.Session().client("s3", region_name=_region(), config=config)

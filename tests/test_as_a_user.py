@@ -125,7 +125,8 @@ def test_the_demo_runs_with_another_class_count(user_env, tmp_path):
     assert out.returncode == 0, _tail(out)
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
     assert "production -> version 1" in out.stdout  # promoted into the registry
-    assert len(re.findall(r"POST .*\.JPEG -> .*\(version 1\)", out.stdout)) == 4  # and classified over HTTP
+    assert len(re.findall(r"^POST .*\.JPEG -> .*\(version 1\)", out.stdout, re.M)) == 4  # classified over HTTP
+    assert "example predictions, online (Serve) and in bulk (Parquet):" in out.stdout
     # and the validation split labeled in bulk, one row per image, scored against its ground truth
     assert re.search(r"labeled 24 input\(s\) .* holds 24 row\(s\), 0 with an error", out.stdout), _tail(out)
     assert re.search(r"accuracy of the labels against the ground truth: [\d.]+% \(\d+ of 24\)", out.stdout)
@@ -222,6 +223,8 @@ def test_demo_arguments_are_checked_before_anything_starts(capsys):
         (["--image-size", "50"], "--image-size 50: branch image size 50 is not a positive multiple of patch size"),
         (["--image-size", "0"], "--image-size 0"),
         (["--classes", "21"], "--classes must be between 1 and 20"),
+        (["--bucket", "bucket/x"], "--bucket bucket/x: an s3:// prefix"),
+        (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --bucket"),
     ):
         with pytest.raises(SystemExit):
             demo.main(args)
