@@ -99,6 +99,10 @@ def ray_cluster(s3_endpoint):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # The head's dashboard agent (through which `ray job submit` runs jobs) on a free port: with Ray's
+            # fixed default, another Ray starting on this machine at the same moment takes it, and every job
+            # submission then fails with "Agent info not found" (seen once in CI beside a demo run).
+            f"--dashboard-agent-listen-port={free_port()}",
             "--disable-usage-stats",
         ],
         check=True,
