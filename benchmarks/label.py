@@ -120,8 +120,9 @@ def main() -> None:
     if args.use_gpu and not torch.cuda.is_available():
         p.error("--use-gpu: torch sees no CUDA device here")
     slots = (os.cpu_count() or 1) - (0 if args.use_gpu else args.replicas[1])
-    if -(-args.small // IMAGES_PER_TASK) < slots:
-        print(f"warning: --small {args.small} makes {-(-args.small // IMAGES_PER_TASK)} read task(s) of up to "
+    tasks = math.ceil(args.small / IMAGES_PER_TASK)
+    if tasks < slots:
+        print(f"warning: --small {args.small} makes {tasks} read task(s) of up to "
               f"{IMAGES_PER_TASK} images for about {slots} decode slots: the steady rate will be overestimated; "
               f"use --small {IMAGES_PER_TASK * slots} or more", flush=True)  # fmt: skip
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -6,7 +6,10 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -18,17 +21,20 @@ from crossvit import create_model
 from pipelines import storage
 from pipelines.cluster import connect
 from pipelines.data.bad_samples import bad_sample_counter
+from pipelines.data.dataset import DataSet
 from pipelines.data.ingest import read_split
 from pipelines.data.prepare import prepare
 from pipelines.data.sample import SampleSpec, write_sample_dataset
 from pipelines.device import to_model_input
 from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port, local_s3
+from pipelines.progress import Progress
 from pipelines.registry.promote import promote
 from pipelines.registry.store import Registry
 from pipelines.serve.deploy import deploy, load_serve_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
+from pipelines.train.metrics import format_epoch, load_history
 
 DEMO_BUCKET = "s3://crossvit-demo"  # on the loopback S3 endpoint
 # infra/serve.yaml's application under a name and route of its own: on a cluster that serves the real one
@@ -66,8 +72,13 @@ def run(
         # only; errors still show. Worker processes inherit the environment from here.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-        connect(address=ray_address, logging_level="ERROR")
+        # The workers' and actors' output (Ray's notices from the raylet, the Serve controller, Ray Train's
+        # actors) stays in Ray's logs; the demo shows the training epochs itself (_follow). Errors still
+        # reach the demo: a failed step raises with the worker's traceback.
+        connect(address=ray_address, logging_level="ERROR", log_to_driver=False)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # Progress: bars of the demo's own (pipelines/progress.py) and Ray Data's for the labeling step.
         ray.data.DataContext.get_current().enable_progress_bars = False
         results: dict[str, object] = {}
         try:
@@ -109,6 +120,7 @@ def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> 
     print(f"training curves:                 {at}/runs/sample/curves.png")
     print(f"model registry:                  {at}/registry/sample/")
     print(f"labels (Parquet):                {at}/labels/val/")
+    print("Ray's logs (the workers' output too): /tmp/ray/session_latest/logs on the head node")
     print(f"validation top-1 of the trained model: {results['top1']:.1f}%; "
           f"accuracy of the batch labels: {results['labels']:.1f}%")  # fmt: skip
     print("example predictions, online (Serve) and in bulk (Parquet):")
@@ -163,21 +175,23 @@ def _ingest(data_uri: str, image_size: int, classes: int) -> None:
     ds = read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
     sample = sample_config(image_size)  # the same small model the training step uses
     model = create_model(sample.model, num_classes=classes, **sample.model_overrides).eval()
-    n, t = 0, time.monotonic()
-    for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
-        x, y = to_model_input(
-            batch["image"],
-            batch["label"],
-            num_classes=classes,
-            train=True,
-            random_erasing=0.25,
-            mixup_alpha=0.8,
-            cutmix_alpha=1.0,
-        )
-        with torch.no_grad():
-            logits = model(x)
-        n += len(batch["label"])
-    seconds = time.monotonic() - t
+    total = DataSet.load(data_uri).samples("train")
+    t = time.monotonic()
+    with Progress(total, "decode + augment + forward") as progress:
+        for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
+            x, y = to_model_input(
+                batch["image"],
+                batch["label"],
+                num_classes=classes,
+                train=True,
+                random_erasing=0.25,
+                mixup_alpha=0.8,
+                cutmix_alpha=1.0,
+            )
+            with torch.no_grad():
+                logits = model(x)
+            progress.update(len(batch["label"]))
+    n, seconds = progress.done, time.monotonic() - t
     counts = ray.get(counter.counts.remote())
     print(
         f"one epoch: {n} training images in {seconds:.1f} s ({n / seconds:.0f} img/s, worker start-up included),"
@@ -192,16 +206,46 @@ def _ingest(data_uri: str, image_size: int, classes: int) -> None:
 def _train(root: str, data_uri: str, epochs: int, image_size: int, classes: int) -> float:
     _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
     cfg = sample_config(image_size, data=data_uri, storage=f"{root}/runs", name="sample", epochs=epochs)
+    run_uri = f"{root}/runs/sample"
     t = time.monotonic()
-    result = fit(cfg)  # raises when training fails
-    m = result.metrics
+    with Progress(cfg.epochs, "training", unit="epoch", file=sys.stdout) as progress, _follow(run_uri, progress):
+        result = fit(cfg)  # raises when training fails; None when a bucket of yours holds the finished run
+    last = load_history(run_uri)[-1]
     print(
-        f"trained {cfg.epochs} epochs in {time.monotonic() - t:.0f} s: validation top-1 {m['val_top1']:.1f}% "
-        f"(chance {100 / classes:.0f}%), top-5 {m['val_top5']:.1f}% over {m['val_samples']} images"
+        f"trained {cfg.epochs} epochs in {time.monotonic() - t:.0f} s: validation top-1 {last['val_top1']:.1f}% "
+        f"(chance {100 / classes:.0f}%), top-5 {last['val_top5']:.1f}%"
+        + (f" over {result.metrics['val_samples']} images" if result else " (trained before)")
     )
-    print(f"checkpoint: s3://{result.checkpoint.path}")
-    print(f"metrics: {root}/runs/sample/metrics.json (.csv), curves: {root}/runs/sample/curves.png")
-    return m["val_top1"]
+    if result:
+        print(f"checkpoint: s3://{result.checkpoint.path}")
+    print(f"metrics: {run_uri}/metrics.json (.csv), curves: {run_uri}/curves.png")
+    return last["val_top1"]
+
+
+@contextlib.contextmanager
+def _follow(run_uri: str, progress: Progress) -> Iterator[None]:
+    """Shows each epoch as rank 0 records it in the run's metrics.json (the workers' own output stays in
+    Ray's logs: the demo runs with ``log_to_driver=False``)."""
+    stop = threading.Event()
+
+    def show() -> None:
+        with contextlib.suppress(Exception):  # a half-written or not yet written file: the next look
+            for m in load_history(run_uri)[progress.done :]:
+                progress.write(format_epoch(m, progress.total))
+                progress.update(1)
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            show()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        show()
 
 
 def _promote(root: str) -> None:
@@ -238,7 +282,14 @@ def _serve(root: str, val_images: Path) -> list[str]:
 def _label(root: str, data_uri: str) -> tuple[float, list[str]]:
     _step("6. batch labeling with Ray Data: the validation split -> Parquet, one row per image")
     output, registry = f"{root}/labels/val", f"{root}/registry"
-    result = label(LabelConfig(input=data_uri, output=output, registry=registry, model="sample", split="val", top_k=3))
+    ctx = ray.data.DataContext.get_current()  # Ray Data's own bar for the whole pipeline (in a terminal)
+    ctx.enable_progress_bars, ctx.enable_operator_progress_bars = True, False
+    try:
+        result = label(
+            LabelConfig(input=data_uri, output=output, registry=registry, model="sample", split="val", top_k=3)
+        )
+    finally:
+        ctx.enable_progress_bars = False
     print(result.summary())
     table = read_labels(output, columns=["path", "names", "probs", "label", "labels", "error"])
     lines = []

@@ -125,6 +125,12 @@ def test_the_demo_runs_with_another_class_count(user_env, tmp_path):
     assert out.returncode == 0, _tail(out)
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
     assert "production -> version 1" in out.stdout  # promoted into the registry
+    # progress, as a log shows it (a bar in a terminal): every image of both splits written, one epoch read
+    assert "writing shards: 120/120 img" in out.stderr and "decode + augment + forward: 96/96 img" in out.stderr
+    assert re.search(r"^epoch 1/1 lr .* top1 ", out.stdout, re.M), _tail(out)  # the driver shows the epochs
+    # and not the output of Ray's actors (Serve's controller, Train's): it stays in Ray's logs
+    actors = r"\((ServeController|TrainController|RayTrainWorker) pid="
+    assert not re.search(actors, out.stdout + out.stderr), _tail(out)
     assert len(re.findall(r"^POST .*\.JPEG -> .*\(version 1\)", out.stdout, re.M)) == 4  # classified over HTTP
     assert "example predictions, online (Serve) and in bulk (Parquet):" in out.stdout
     # and the validation split labeled in bulk, one row per image, scored against its ground truth
@@ -172,8 +178,11 @@ def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
     cmd = [sys.executable, "-m", "jobs.serve", "--registry", str(tmp_path / "registry"), "--model", "tiny"]
     out = tmp_path / "serve.out"
     with out.open("w") as sink:
+        # Ctrl-C as in a terminal: a suite started in the background (`.ci/run &`, nohup) ignores SIGINT, and its
+        # children inherit that; Python then installs no KeyboardInterrupt handler (how this failed once).
         proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, env=user_env, stdout=sink,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 300  # never wait forever for the "serving" line
         while "serving tiny:production at" not in out.read_text():

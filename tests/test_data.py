@@ -27,6 +27,7 @@ from pipelines.data.dataset import DataSet, DatasetError, load_manifest
 from pipelines.data.ingest import read_split
 from pipelines.data.prepare import prepare
 from pipelines.device import decode_on_device, to_model_input
+from pipelines.progress import Progress
 from pipelines.train import launch
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
@@ -193,6 +194,30 @@ def test_a_prepare_in_a_ray_driver_leaves_the_driver_working(ray_cluster, prepar
     thread.start()
     thread.join(60)
     assert done == [8], "the driver's new actors never answered after prepare"
+
+
+def test_progress_is_a_bar_in_a_terminal_and_a_line_every_few_seconds_in_a_log():
+    """A log (ray job submit's, CI's, a file) gets whole lines, never tqdm's carriage-return frames."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log = io.StringIO()
+    with Progress(100, "writing shards", file=log, every_s=0) as progress:
+        for _ in range(4):
+            progress.update(25)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 5  # a line per update (every_s=0), one at the end
+    assert lines[1].startswith("  writing shards: 50/100 img (") and lines[-1].startswith("  writing shards: 100/100")
+    quiet = io.StringIO()
+    with Progress(100, "writing shards", file=quiet) as progress:
+        progress.update_to(100)
+    assert quiet.getvalue().count("\n") == 1  # within the first 10 s: the closing line only
+    terminal = Terminal()
+    with Progress(100, "writing shards", file=terminal) as progress:
+        progress.update_to(100)
+    assert "\r" in terminal.getvalue() and "100/100" in terminal.getvalue() and "100%|" in terminal.getvalue()
 
 
 def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_images, tmp_path, monkeypatch, caplog):

@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -40,6 +39,7 @@ from webdataset import TarWriter
 
 from pipelines import storage
 from pipelines.data.dataset import DatasetError, existing_manifest
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -405,9 +405,11 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
     if todo:
         ctx = mp.get_context(_start_method())
         counter = ctx.Value("q", 0)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+        with (
+            ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool,
+            Progress(total, "writing shards") as progress,
+        ):
             pending = {pool.submit(write_shard, p, str(source), dest) for p in todo}
-            start = time.monotonic()
             while pending:
                 finished, pending = wait(pending, timeout=0.5)
                 errors = [f.exception() for f in finished if f.exception() is not None]
@@ -416,13 +418,11 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
                     result = f.result()
                     done[result.name] = result
                     storage.write_bytes(_progress_record(dest, result.name), json.dumps(asdict(result)).encode())
-                _show_progress(counter.value, total, time.monotonic() - start)
+                progress.update_to(counter.value)
                 if errors:
                     for f in pending:
                         f.cancel()
-                    print(file=sys.stderr)
                     raise errors[0]
-            print(file=sys.stderr)
 
     results = [done[p.name] for p in plans]
     skipped += [s for r in results for s in r.skipped]
@@ -456,8 +456,3 @@ def prepare(source: str, dest: str, shard_size_mb: float = 256, workers: int | N
     for s in skipped:
         log.warning("skipped %s (%s)", s["path"], s["reason"])
     return manifest
-
-
-def _show_progress(done: int, total: int, seconds: float) -> None:
-    rate = done / seconds if seconds > 0 else 0.0
-    print(f"\r  {done}/{total} images  {rate:,.0f} img/s", end="", file=sys.stderr, flush=True)

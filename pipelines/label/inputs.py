@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ class InputDatasource(Datasource):
         """Read tasks: one per shard, one per IMAGES_PER_TASK image files (``override_num_blocks`` takes
         this, so that Ray neither splits the reads nor keeps them from fusing with the decode)."""
         images = sum(u.kind == "image" for u in self.units)
-        return max(1, len(self.units) - images + -(-images // IMAGES_PER_TASK))
+        return max(1, len(self.units) - images + math.ceil(images / IMAGES_PER_TASK))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         tasks = []
