@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ray_address and not args.bucket:
         p.error("--ray-address needs --bucket: the cluster's nodes cannot reach this machine's loopback endpoint")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sys.stdout.reconfigure(line_buffering=True)  # in order with the progress lines (stderr) in one log file
     start = time.monotonic()
     workdir = Path(args.workdir).resolve()
     demo.run(workdir, args.classes, args.train_per_class, args.val_per_class, args.image_size, args.epochs,

@@ -207,14 +207,21 @@ def _train(root: str, data_uri: str, epochs: int, image_size: int, classes: int)
     _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
     cfg = sample_config(image_size, data=data_uri, storage=f"{root}/runs", name="sample", epochs=epochs)
     run_uri = f"{root}/runs/sample"
+    before = load_history(run_uri)  # a bucket of yours may hold the run already (fit then resumes or returns)
     t = time.monotonic()
-    with Progress(cfg.epochs, "training", unit="epoch", file=sys.stdout) as progress, _follow(run_uri, progress):
-        result = fit(cfg)  # raises when training fails; None when a bucket of yours holds the finished run
-    last = load_history(run_uri)[-1]
+    if before and before[-1]["epoch"] + 1 >= cfg.epochs:
+        last, result = before[cfg.epochs - 1], None
+        print(f"the run at {run_uri} has finished its {cfg.epochs} epochs already")
+    else:
+        with Progress(cfg.epochs, "training", unit="epoch", file=sys.stdout) as progress:
+            progress.update_to(len(before))
+            with _follow(run_uri, progress):
+                result = fit(cfg)  # raises when training fails
+        last = load_history(run_uri)[-1]
     print(
         f"trained {cfg.epochs} epochs in {time.monotonic() - t:.0f} s: validation top-1 {last['val_top1']:.1f}% "
         f"(chance {100 / classes:.0f}%), top-5 {last['val_top5']:.1f}%"
-        + (f" over {result.metrics['val_samples']} images" if result else " (trained before)")
+        + (f" over {result.metrics['val_samples']} images" if result else "")
     )
     if result:
         print(f"checkpoint: s3://{result.checkpoint.path}")
@@ -275,7 +282,10 @@ def _serve(root: str, val_images: Path) -> list[str]:
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
         lines.append(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
         print(lines[-1])
-    print(f"curl -X POST --data-binary @image.jpg '{url}/v1/classify?top_k=5'  # while it runs")
+    # Deleted before labeling, which plans from the CPUs that are free: on 2 cores a rerun on a bucket of yours
+    # (labeling resumes, and Ray Data's checkpoint filter needs a CPU) did not fit beside the replica.
+    serve.delete(DEMO_APP)
+    print("deleted the demo's application; python -m jobs.serve serves the registry until Ctrl-C")
     return lines
 
 
@@ -283,13 +293,14 @@ def _label(root: str, data_uri: str) -> tuple[float, list[str]]:
     _step("6. batch labeling with Ray Data: the validation split -> Parquet, one row per image")
     output, registry = f"{root}/labels/val", f"{root}/registry"
     ctx = ray.data.DataContext.get_current()  # Ray Data's own bar for the whole pipeline (in a terminal)
+    flags = ctx.enable_progress_bars, ctx.enable_operator_progress_bars
     ctx.enable_progress_bars, ctx.enable_operator_progress_bars = True, False
     try:
         result = label(
             LabelConfig(input=data_uri, output=output, registry=registry, model="sample", split="val", top_k=3)
         )
     finally:
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = flags
     print(result.summary())
     table = read_labels(output, columns=["path", "names", "probs", "label", "labels", "error"])
     lines = []
