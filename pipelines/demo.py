@@ -82,8 +82,9 @@ def run(
         ray.data.DataContext.get_current().enable_progress_bars = False
         results: dict[str, object] = {}
         try:
-            data_uri = _prepare(root, workdir, classes, train_per_class, val_per_class)
-            _ingest(data_uri, image_size, classes)
+            data = _prepare(root, workdir, classes, train_per_class, val_per_class)
+            data_uri = data.uri
+            _ingest(data, image_size, classes)
             results["top1"] = _train(root, data_uri, epochs, image_size, classes)
             _promote(root)
             results["served"] = _serve(root, workdir / "sample" / "val")
@@ -141,7 +142,7 @@ def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> 
         print(f"  {line}")
 
 
-def _prepare(root: str, workdir: Path, classes: int, train_per_class: int, val_per_class: int) -> str:
+def _prepare(root: str, workdir: Path, classes: int, train_per_class: int, val_per_class: int) -> DataSet:
     _step("1. sample data set -> WebDataset shards in object storage")
     t = time.monotonic()
     images = write_sample_dataset(workdir / "sample", SampleSpec(classes, train_per_class, val_per_class))
@@ -158,7 +159,7 @@ def _prepare(root: str, workdir: Path, classes: int, train_per_class: int, val_p
         f"manifest: {data_uri}/manifest.json, {len(manifest['classes'])} classes "
         f"({', '.join(c['name'] for c in manifest['classes'][:3])}, ...), {time.monotonic() - t:.1f} s"
     )
-    return data_uri
+    return DataSet(data_uri, manifest)
 
 
 def sample_config(image_size: int, **fields) -> TrainConfig:
@@ -169,13 +170,13 @@ def sample_config(image_size: int, **fields) -> TrainConfig:
     return cfg
 
 
-def _ingest(data_uri: str, image_size: int, classes: int) -> None:
+def _ingest(data: DataSet, image_size: int, classes: int) -> None:
     _step("2. Ray Data streams the shards: decode + augment on CPUs, uint8 batches to the consumer")
     counter = bad_sample_counter()
-    ds = read_split(data_uri, "train", image_size=image_size, train=True, counter=counter)
+    ds = read_split(data, "train", image_size=image_size, train=True, counter=counter)
     sample = sample_config(image_size)  # the same small model the training step uses
     model = create_model(sample.model, num_classes=classes, **sample.model_overrides).eval()
-    total = DataSet.load(data_uri).samples("train")
+    total = data.samples("train")  # from the manifest prepare returned
     t = time.monotonic()
     with Progress(total, "decode + augment + forward") as progress:
         for batch in ds.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
