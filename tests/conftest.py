@@ -3,6 +3,7 @@
 import atexit
 import contextlib
 import json
+import multiprocessing.process
 import os
 import secrets
 import shutil
@@ -32,6 +33,28 @@ atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], True)
 # The MLflow test logs to a local folder (file store), which MLflow 3 only allows when asked; the cluster's
 # workers inherit this from `ray start`.
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+# Ray Train's controller looks at its workers every 2 s by default: a finished, failed or resized worker group
+# is noticed up to 2 s late, at every run's end and every restart. The tests' runs are seconds long; the
+# controller (started from this process or a submitted job's) reads this from the environment it inherits.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+# Serve's proxies drain for at least 30 s before they stop, so `serve.shutdown()` waited 30 s (and then gave
+# up) at the end of every module that serves; the session's Serve controller reads these where it starts.
+os.environ["RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"] = "0.5"
+os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0.5"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers from what a test uses, so that the fast tier (``-m "not cluster and not slow"``, README) never
+    starts a server by mistake: a test that needs a Ray cluster (the session's, or one it starts as a user) is
+    ``cluster``; one that needs the loopback S3 endpoint (a server process) is ``slow``. Tests that start
+    processes of their own are marked ``slow`` where they are written."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"ray_cluster", "user_env"}:  # user_env: a Ray the test starts as a user does
+            item.add_marker(pytest.mark.cluster)
+        elif "s3_endpoint" in fixtures:
+            item.add_marker(pytest.mark.slow)
+
 
 # Two branches (patch 12 on 48 px, patch 16 on 48 px), two multi-scale blocks: every code path of the
 # published models, at a size that trains on a laptop CPU in seconds.
@@ -55,6 +78,20 @@ def tiny_cfg() -> CrossViTConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _the_fast_tier_starts_no_process(request, monkeypatch) -> None:
+    """A test with neither marker belongs to the fast tier, which starts no process: no server, no
+    ``python -m``, no worker pool. One that does fails here, and is marked ``slow`` where it is written."""
+    if request.node.get_closest_marker("cluster") or request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test starts a process: mark it slow (the fast tier starts none)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -182,22 +219,38 @@ class RayNode:
         self.process.wait(timeout=30)
 
 
-@pytest.fixture
-def add_nodes(ray_cluster):
-    """``add_nodes(n, num_cpus, resources, wrap)`` joins n more nodes to the session cluster and returns them; the
-    test's nodes are removed again when it ends. One after the other: nodes on one machine name their
-    sockets by the first free name, and two starting at once can pick the same one."""
+@contextlib.contextmanager
+def _joined_nodes(cluster: dict):
+    """``add(n, num_cpus, resources, wrap)`` joins n more nodes to the session cluster and returns them; they
+    are removed again at the end. One after the other: nodes on one machine name their sockets by the first
+    free name, and two starting at once can pick the same one."""
     added = []
 
     def add(n: int = 1, num_cpus: int = 1, resources: dict | None = None, wrap: list[str] | None = None):
         for _ in range(n):
-            added.append(RayNode(ray_cluster, num_cpus, resources or {}, wrap))
+            added.append(RayNode(cluster, num_cpus, resources or {}, wrap))
             added[-1].wait_until_joined()
         return added[-n:]
 
-    yield add
-    for node in added:
-        node.kill()
+    try:
+        yield add
+    finally:
+        for node in added:
+            node.kill()
+
+
+@pytest.fixture
+def add_nodes(ray_cluster):
+    """Nodes for one test (see _joined_nodes)."""
+    with _joined_nodes(ray_cluster) as add:
+        yield add
+
+
+@pytest.fixture(scope="module")
+def add_module_nodes(ray_cluster):
+    """Nodes that the tests of one module share (a node takes seconds to start on 2 cores)."""
+    with _joined_nodes(ray_cluster) as add:
+        yield add
 
 
 @pytest.fixture(scope="session")
@@ -206,3 +259,14 @@ def sample_images(tmp_path_factory):
     from pipelines.data.sample import SampleSpec, write_sample_dataset
 
     return write_sample_dataset(tmp_path_factory.mktemp("sample") / "images", SampleSpec(4, 24, 6, 64, 48, seed=3))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(s3_endpoint, sample_images) -> str:
+    """``sample_images`` prepared once as shards in the loopback bucket (small shards, so there are several),
+    for every test that only reads them; a test that changes its data prepares its own."""
+    from pipelines.data.prepare import prepare
+
+    uri = "s3://shared/sample"
+    prepare(str(sample_images), uri, shard_size_mb=0.05, workers=2)
+    return uri

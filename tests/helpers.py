@@ -60,7 +60,7 @@ def checkpointed(run_uri: str) -> bool:
     return bool(load_history(run_uri)) and storage.exists(f"{run_uri}/checkpoint_manager_snapshot.json")
 
 
-def when(condition, action, timeout: float = 600) -> threading.Thread:
+def when(condition, action, timeout: float = 240) -> threading.Thread:
     """Run ``action`` in the background as soon as ``condition()`` holds; ``thread.result`` is what it
     returned (None until then)."""
 
@@ -70,7 +70,7 @@ def when(condition, action, timeout: float = 600) -> threading.Thread:
             if condition():
                 thread.result = action()
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.result = None

@@ -10,8 +10,8 @@ import math
 import pytest
 from helpers import checkpointed, train_workers, when
 
+from pipelines import storage
 from pipelines.data.dataset import load_manifest
-from pipelines.data.prepare import prepare
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 from pipelines.train.metrics import load_history
@@ -20,6 +20,16 @@ from pipelines.train.optim import lr_at
 pytestmark = pytest.mark.slow
 
 ONE_WORKER_PER_NODE = {"CPU": 1, "trainer": 1}
+
+
+@pytest.fixture(scope="module")
+def trainer_nodes(add_module_nodes) -> list:
+    """Three nodes with a trainer slot each, shared by the module's tests: each test kills what it loses."""
+    return add_module_nodes(3, resources={"trainer": 1})
+
+
+def _alive(nodes: list) -> list:
+    return [n for n in nodes if n.process.poll() is None]
 
 
 def _kill_a_worker_node(nodes: list) -> object:
@@ -42,19 +52,19 @@ def _config(data: str, name: str, **overrides) -> TrainConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def cluster_data(ray_cluster, sample_images) -> str:
-    data = "s3://cluster-test/data"
-    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
-    return data
+@pytest.fixture
+def cluster_data(ray_cluster, sample_shards) -> str:
+    storage.ensure_bucket("s3://cluster-test")  # where the runs go
+    return sample_shards
 
 
-def test_a_fixed_size_run_survives_losing_a_node(cluster_data, add_nodes):
+def test_a_fixed_size_run_survives_losing_a_node(cluster_data, trainer_nodes):
     """Two workers on three nodes: the node of one worker is lost after the first checkpoint; Ray Train
     restarts the group from that checkpoint on the nodes left and the run finishes, every epoch recorded
     once."""
-    nodes = add_nodes(3, resources={"trainer": 1})
-    cfg = _config(cluster_data, "fixed", epochs=4, num_workers=2)
+    nodes = _alive(trainer_nodes)
+    assert len(nodes) == 3
+    cfg = _config(cluster_data, "fixed", epochs=3, num_workers=2)
     run = f"{cfg.storage}/{cfg.name}"
 
     killer = when(lambda: checkpointed(run), lambda: _kill_a_worker_node(nodes))
@@ -68,11 +78,14 @@ def test_a_fixed_size_run_survives_losing_a_node(cluster_data, add_nodes):
     assert any(m["resumed"] for m in history[1:])  # the new group started from a checkpoint, not from scratch
 
 
-def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data, add_nodes):
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data, trainer_nodes, add_nodes):
     """num_workers "1-2" on two nodes: one node is lost, training carries on with one worker instead of
     waiting for the node; a new node joins and the group grows back to two. Across both resizes each epoch
     is recorded once and the learning rate follows the recipe for that epoch's global batch."""
-    nodes = add_nodes(2, resources={"trainer": 1})
+    nodes = _alive(trainer_nodes)  # 2 after the test above; 3 when this one runs alone
+    for spare in nodes[2:]:
+        spare.kill()
+    nodes = nodes[:2]
     # Epochs of this tiny data set take 1-3 s; growing back took 7-10 epochs here: 18 leave a margin.
     cfg = _config(cluster_data, "elastic", epochs=18, num_workers="1-2", elastic_resize_interval_s=2)
     run = f"{cfg.storage}/{cfg.name}"

@@ -93,11 +93,10 @@ def test_unreachable_storage_is_a_clear_error_without_credentials(s3_endpoint, m
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-@pytest.fixture(scope="module")
-def prepared(s3_endpoint, sample_images):
+@pytest.fixture
+def prepared(sample_shards):
     """The sample data set as shards in the loopback S3 bucket (small shards, so there are several)."""
-    uri = "s3://datasets/sample"
-    return uri, prepare(str(sample_images), uri, shard_size_mb=0.05, workers=2)
+    return sample_shards, load_manifest(sample_shards)
 
 
 def test_prepare_writes_every_image_once_with_its_label(prepared, sample_images):
@@ -129,6 +128,7 @@ def test_rerun_is_a_no_op_and_other_data_at_the_same_place_is_refused(prepared, 
         prepare(str(sample_images), uri, shard_size_mb=1, workers=1)  # other parameters: other shards
 
 
+@pytest.mark.slow  # prepare writes shards in worker processes
 def test_the_fingerprint_follows_content_not_file_dates(sample_images, tmp_path, monkeypatch):
     """A copy of the image tree (new modification times) is the same data set: a rerun against it does
     nothing and keeps the fingerprint, hashing each copied file once and then never again; a rerun of an
@@ -220,6 +220,7 @@ def test_progress_is_a_bar_in_a_terminal_and_a_line_every_few_seconds_in_a_log()
     assert "\r" in terminal.getvalue() and "100/100" in terminal.getvalue() and "100%|" in terminal.getvalue()
 
 
+@pytest.mark.slow  # prepare writes shards in worker processes
 def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_images, tmp_path, monkeypatch, caplog):
     dest = str(tmp_path / "shards")  # a local destination works like S3
     monkeypatch.setattr(shards, "write_shard", _crash_on_third_train_shard)
@@ -237,6 +238,7 @@ def test_an_interrupted_prepare_resumes_and_writes_only_what_is_missing(sample_i
     assert manifest["splits"]["train"]["samples"] == 96
 
 
+@pytest.mark.slow  # prepare writes shards in worker processes
 def test_bad_files_are_reported_and_never_written(tmp_path, sample_images):
     src = tmp_path / "src"
     for p in (sample_images / "train").rglob("*.JPEG"):
@@ -268,6 +270,7 @@ def test_source_problems_are_clear_errors(tmp_path):
         prepare(str(tmp_path / "src"), str(tmp_path / "out"))
 
 
+@pytest.mark.slow  # prepare writes shards in worker processes
 def test_imagenet_validation_layout_is_labelled_from_the_solution_file(tmp_path, sample_images):
     root = tmp_path / "imagenet"
     for p in (sample_images / "train").rglob("*.JPEG"):
@@ -680,6 +683,7 @@ def test_malformed_labels_become_counted_errors_and_folders_are_part_of_the_key(
     assert rows["a/001"]["label"] == 0 and rows["b/001"]["label"] == 1  # two samples, not one merged
 
 
+@pytest.mark.slow  # prepare writes shards in worker processes
 def test_tiny_images_are_kept(tmp_path):
     (tmp_path / "src" / "dot").mkdir(parents=True)
     Image.new("RGB", (4, 4), "red").save(tmp_path / "src" / "dot" / "tiny.jpg", format="JPEG")
@@ -722,6 +726,7 @@ def foreign_corpus(s3_endpoint, sample_images, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def adopted(ray_cluster, foreign_corpus) -> tuple[str, dict]:
     dest = "s3://datasets/adopted"
+    storage.ensure_bucket(dest)
     splits = {"train": foreign_corpus["train"], "val": foreign_corpus["val"]}
     return dest, adopt(splits, dest, foreign_corpus["classes"])
 

@@ -24,8 +24,7 @@ from ray.util.state import list_tasks
 
 from pipelines import storage
 from pipelines.cluster import ResourcePlanError
-from pipelines.data.dataset import DataSet
-from pipelines.data.prepare import prepare
+from pipelines.data.dataset import DataSet, load_manifest
 from pipelines.label.inputs import InputError, resolve
 from pipelines.label.job import LabelConfig, LabelConfigError, LabelPlan, label, plan_label_cpus, read_labels
 from pipelines.preprocess import eval_transform, normalize
@@ -37,10 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def registry(ray_cluster, s3_endpoint, sample_images):
+def registry(ray_cluster, sample_shards):
     """Version 1 of "tiny" (the sample images' 4 classes) promoted, and the sample data set prepared."""
-    data = "s3://label-test/data"
-    manifest = prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    data = sample_shards
+    manifest = load_manifest(data)
+    storage.ensure_bucket(ROOT)
     write_run("s3://label-test/runs/a", [50.0], manifest["classes"], seed=7)
     promote("s3://label-test/runs/a", ROOT, "tiny")
     return {"data": data, "manifest": manifest}
@@ -163,14 +163,14 @@ def test_a_run_killed_midway_then_resumed_has_exactly_one_row_per_input(registry
     log = tmp_path / "first.out"
     with log.open("w") as sink:
         first = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 240
     while not committed_parts(out):
         assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
     partial = len(rows(str(out)))
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     paths = [r["path"] for r in rows(str(out))]
     assert partial < 600, "the first run ended before it was killed: give it more images"
@@ -201,7 +201,7 @@ def test_a_worker_node_lost_midway_leaves_the_counts_exact(registry, add_nodes, 
     job = threading.Thread(target=lambda: done.append(label(LabelConfig(str(folder), str(out), ROOT, "tiny",
                                                                          batch_size=4))), daemon=True)  # fmt: skip
     job.start()
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 240
     while not committed_parts(out):
         assert job.is_alive() and time.monotonic() < deadline, "the job ended (or stalled) before any commit"
         time.sleep(0.1)
@@ -235,7 +235,7 @@ def test_beside_a_job_that_holds_cpus_the_plan_fits_what_is_free_or_is_an_error(
     ray.get(held.ready(), timeout=60)
     try:
         with pytest.raises(ResourcePlanError, match=r"has 0 free CPU\(s\)"):
-            label(LabelConfig(str(folder), str(tmp_path / "b"), ROOT, "tiny"))
+            label(LabelConfig(str(folder), str(tmp_path / "b"), ROOT, "tiny", free_cpu_wait_s=1))
     finally:
         remove_placement_group(held)
 

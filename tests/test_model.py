@@ -134,6 +134,7 @@ def test_bf16_autocast_and_channels_last(tiny_cfg):
     torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow  # inductor compiles in worker processes
 def test_torch_compile_matches_eager(tiny_cfg):
     model = CrossViT(tiny_cfg).eval()
     x = torch.randn(2, 3, 48, 48)

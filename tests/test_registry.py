@@ -14,29 +14,31 @@ from helpers import write_run
 
 import crossvit
 from pipelines import storage
-from pipelines.data.prepare import prepare
+from pipelines.data.dataset import load_manifest
 from pipelines.registry.promote import GateRefusedError, best_checkpoint, promote
 from pipelines.registry.store import AliasMovedError, ChecksumError, Registry, RegistryError
 
 CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
 
 
-@pytest.fixture(params=["s3", "local"])
-def root(request, s3_endpoint, tmp_path) -> str:
-    """A registry root in S3 or on a local path, empty for each test."""
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.slow), "local"])
+def root(request, tmp_path) -> str:
+    """A registry root in S3 or on a local path, empty for each test (local ones are in the fast tier)."""
     if request.param == "local":
         return str(tmp_path / "registry")
+    request.getfixturevalue("s3_endpoint")
     uri = f"s3://registry-test/{request.node.name.replace('[', '-').rstrip(']')}"
     storage.ensure_bucket(uri)
     return uri
 
 
 @pytest.fixture(scope="module")
-def runs(s3_endpoint) -> dict[str, str]:
-    """Runs as training leaves them: "a" peaks at epoch 1 (80 %) and its last checkpoint was not evaluated;
-    "b" reaches 85 %, "c" only 60 %."""
-    storage.ensure_bucket("s3://runs-test")
-    out = {"a": "s3://runs-test/a", "b": "s3://runs-test/b", "c": "s3://runs-test/c"}
+def runs(tmp_path_factory) -> dict[str, str]:
+    """Runs as training leaves them, in a local folder (promotion reads runs in S3 in test_serve and
+    test_label): "a" peaks at epoch 1 (80 %) and its last checkpoint was not evaluated; "b" reaches 85 %, "c"
+    only 60 %."""
+    folder = tmp_path_factory.mktemp("runs")
+    out = {name: str(folder / name) for name in ("a", "b", "c")}
     write_run(out["a"], [50.0, 80.0, 70.0, None], CLASSES, seed=0)
     write_run(out["b"], [85.0], CLASSES, seed=10)
     write_run(out["c"], [60.0], CLASSES, seed=20)
@@ -195,11 +197,12 @@ def test_a_version_number_is_claimed_once_and_a_left_lock_is_named(runs, root):
     assert Registry(root).read_alias("tiny", "production")[1] == tag  # neither refused write touched it
 
 
-def test_fresh_evaluation_on_the_same_data_decides_the_gate(runs, ray_cluster, sample_images, tmp_path):
+def test_fresh_evaluation_on_the_same_data_decides_the_gate(runs, ray_cluster, sample_shards, tmp_path):
     """--eval-data: both models are evaluated on one split of one data set, and those numbers gate (not
     the 20 % vs 80 % the runs recorded: two untrained models score alike here)."""
-    data = "s3://runs-test/eval-data"
-    manifest = prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
+    data = sample_shards
+    manifest = load_manifest(data)
+    storage.ensure_bucket("s3://runs-test")
     root = str(tmp_path / "registry")
     write_run("s3://runs-test/d", [80.0], manifest["classes"], seed=30)
     write_run("s3://runs-test/e", [20.0], manifest["classes"], seed=30)  # the same weights, recorded lower
@@ -222,6 +225,7 @@ def test_fresh_evaluation_on_the_same_data_decides_the_gate(runs, ray_cluster, s
     assert "ChecksumError" in record["history"][-1]["evaluation"]["current_error"]
 
 
+@pytest.mark.slow  # python -m jobs.promote, four times
 def test_the_promote_job_as_a_user_runs_it(runs, tmp_path):
     """The CLI: promotion, a refusal (non-zero, the reason on one line), --list, --rollback."""
     root = str(tmp_path / "registry")

@@ -7,7 +7,6 @@ import pytest
 import ray
 
 from pipelines.cluster import NotSharedError, ResourcePlanError, check_shared_path, plan_training_cpus
-from pipelines.data.prepare import prepare
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 
@@ -44,11 +43,9 @@ def test_a_configuration_that_cannot_decode_is_refused_with_the_numbers_and_the_
     assert plan_training_cpus(0, 2, use_gpu=True, min_ingest_cpus=0).cpus_per_worker == 0
 
 
-@pytest.fixture(scope="module")
-def small_data(ray_cluster, sample_images, tmp_path_factory) -> str:
-    data = str(tmp_path_factory.mktemp("resources") / "data")
-    prepare(str(sample_images), data, shard_size_mb=0.05, workers=2)
-    return data
+@pytest.fixture
+def small_data(ray_cluster, sample_shards) -> str:
+    return sample_shards
 
 
 def _config(data: str, storage: str, **fields) -> TrainConfig:
@@ -69,14 +66,14 @@ def test_fit_refuses_workers_that_would_leave_ray_data_no_cpu(small_data, tmp_pa
 def test_no_batch_within_the_timeout_is_an_error_that_says_what_ray_waits_for(small_data, tmp_path):
     """The plan's check switched off (min_ingest_cpus 0, as on an autoscaling cluster that never grows) and
     the workers holding every CPU: the decode tasks wait forever. The watchdog stops the run with what Ray
-    reports instead of hanging, and the restarts Ray Train makes (max_failures, 3 by default) end at once
-    with the same reason instead of waiting 15 s each again."""
+    reports instead of hanging, and the restart Ray Train makes (max_failures) ends at once with the same
+    reason instead of waiting for a batch again (the error would then be another StalledError)."""
     cpus = ray.cluster_resources()["CPU"]
     cfg = _config(
         small_data, str(tmp_path), name="starved", resources_per_worker={"CPU": cpus / 2}, min_ingest_cpus=0,
-        batch_timeout_s=15,
+        batch_timeout_s=10, max_failures=1,
     )  # fmt: skip
-    with pytest.raises(Exception, match=r"RunStoppedError: StalledError: no training batch for 15 s") as err:
+    with pytest.raises(Exception, match=r"RunStoppedError: StalledError: no training batch for 10 s") as err:
         fit(cfg)
     message = str(err.value)
     assert f"CPU {cpus:g} of {cpus:g} in use" in message

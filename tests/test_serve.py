@@ -60,10 +60,16 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
+QUICK_STOP = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 2, "health_check_period_s": 2}
+
+
 def serve_test_config(**autoscaling) -> dict:
-    """infra/serve.yaml with the test's timings: quick autoscaling, small limits that are cheap to pass."""
+    """infra/serve.yaml with the test's timings: quick autoscaling, small limits that are cheap to pass, and a
+    replica that stops within a second once idle (Serve's defaults wait 2 s between looks at its queue, 20 s
+    at most, at every scale-down, deletion and shutdown)."""
     config = copy.deepcopy(load_serve_config("infra/serve.yaml"))
     (options,) = config["applications"][0]["deployments"]
+    options.update(QUICK_STOP)
     options["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1, downscale_delay_s=4,
         look_back_period_s=2,
@@ -103,17 +109,31 @@ def test_replicas_that_cannot_be_placed_are_an_error_before_deploying():
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, s3_endpoint):
-    """Version 1 promoted and served; runs b and c ready to promote."""
+def app(ray_cluster, s3_endpoint, tmp_path_factory):
+    """Version 1 promoted and served, deployed with the `serve` CLI as users deploy infra/serve.yaml (the
+    test's timings, the registry and model filled in, loopback and the test's port) against the session
+    cluster's dashboard; runs b and c ready to promote. Other applications use ``deploy``, as jobs.serve does."""
     storage.ensure_bucket(ROOT)
     for name, seed in (("a", 0), ("b", 100), ("c", 200)):
         write_run(f"s3://serve-test/runs/{name}", [50.0 + seed / 10], CLASSES, seed=seed)
     promote("s3://serve-test/runs/a", ROOT, "tiny")
     port = free_port()
+    config = serve_test_config()
+    config["http_options"].update(host="127.0.0.1", port=port)
     settings = {"registry": ROOT, "model": "tiny", "poll_interval_s": POLL_S, "max_body_bytes": 2_000_000}
-    url = deploy(serve_test_config(), settings, port=port)
-    yield {"url": url, "port": port, "registry": Registry(ROOT), "dashboard": ray_cluster["dashboard"]}
+    config["applications"][0]["args"].update(settings)
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(RAY_CLI).with_name("serve"))
+    subprocess.run([serve_cli, "deploy", str(path), "-a", ray_cluster["dashboard"]], check=True, timeout=120)
+    _until(lambda: _app_status("crossvit") == "RUNNING", timeout=180)
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "registry": Registry(ROOT)}
     serve.shutdown()
+
+
+def _app_status(name: str) -> str | None:
+    application = serve.status().applications.get(name)
+    return application and application.status
 
 
 def classify(url: str, data: bytes, **params) -> requests.Response:
@@ -295,47 +315,52 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(app, tmp_pat
         requests.post(f"{app['url']}/v1/admin/reload", timeout=120)
 
 
-def test_bearer_tokens_when_configured(app, tmp_path):
-    """A second application with a token from a file (a mounted secret): no token or a wrong one is a
-    401, the right one is served. The first application has none and needs none."""
-    secret = tmp_path / "token"
+TOKEN = {"Authorization": "Bearer s3cr3t-token"}
+
+
+@pytest.fixture(scope="module")
+def guarded(app, tmp_path_factory):
+    """A second application beside the first, with what the first lacks: a bearer token from a file (a
+    mounted secret) and a queue of one (one replica, max_ongoing_requests 1, max_queued_requests 1)."""
+    secret = tmp_path_factory.mktemp("secret") / "token"
     secret.write_text("s3cr3t-token\n")
     config = serve_test_config()
-    config["applications"][0].update(name="crossvit-secure", route_prefix="/secure")
-    url = deploy(config, {"registry": ROOT, "model": "tiny", "auth_token_file": str(secret)}, port=app["port"])
-    try:
-        assert classify(url, jpeg(0)).status_code == 401
-        wrong = requests.post(f"{url}/v1/classify", data=jpeg(0), headers={"Authorization": "Bearer nope"}, timeout=60)
-        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
-        right = requests.post(f"{url}/v1/classify", data=jpeg(0), headers={"Authorization": "Bearer s3cr3t-token"},
-                              timeout=60)  # fmt: skip
-        assert right.status_code == 200
-        assert classify(app["url"], jpeg(0)).status_code == 200
-    finally:
-        serve.delete("crossvit-secure")
-
-
-def test_an_overloaded_deployment_answers_503_with_retry_after_at_once(app):
-    """A third application with a queue of one: requests beyond what it holds are refused quickly with
-    Retry-After (Serve's max_queued_requests), not left to time out."""
-    config = serve_test_config()
-    config["applications"][0].update(name="crossvit-tiny-queue", route_prefix="/tiny-queue")
+    config["applications"][0].update(name="crossvit-guarded", route_prefix="/guarded")
     (options,) = config["applications"][0]["deployments"]
     options.update(max_ongoing_requests=1, max_queued_requests=1)
     options["autoscaling_config"].update(max_replicas=1)
-    url = deploy(config, {"registry": ROOT, "model": "tiny"}, port=app["port"])
+    yield deploy(config, {"registry": ROOT, "model": "tiny", "auth_token_file": str(secret)}, port=app["port"])
+    serve.delete("crossvit-guarded")
+
+
+def test_bearer_tokens_when_configured(app, guarded):
+    """No token or a wrong one is a 401, the right one is served. The first application has none and needs
+    none."""
+    assert classify(guarded, jpeg(0)).status_code == 401
+    wrong = requests.post(f"{guarded}/v1/classify", data=jpeg(0), headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.post(f"{guarded}/v1/classify", data=jpeg(0), headers=TOKEN, timeout=60).status_code == 200
+    assert classify(app["url"], jpeg(0)).status_code == 200
+
+
+def test_an_overloaded_deployment_answers_503_with_retry_after_at_once(guarded):
+    """Requests beyond what a queue of one holds are refused quickly with Retry-After (Serve's
+    max_queued_requests), not left to time out."""
     ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
     buf = io.BytesIO()  # a 3000 x 3000 PNG (60 KB): about 0.15 s to decode, so requests pile up
     Image.fromarray(np.stack([np.add.outer(ramp, ramp) // 2] * 3, -1).astype(np.uint8)).save(buf, format="PNG")
     slow = buf.getvalue()
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            timed = list(pool.map(lambda _: (time.monotonic(), classify(url, slow), time.monotonic()), range(8)))
-        refused = [(r, end - start) for start, r, end in timed if r.status_code == 503]
-        assert refused and any(r.status_code == 200 for _, r, _ in timed)
-        assert all(r.headers["Retry-After"] == "1" and took < 2 for r, took in refused)
-    finally:
-        serve.delete("crossvit-tiny-queue")
+
+    def timed(_) -> tuple[float, requests.Response, float]:
+        start = time.monotonic()
+        response = requests.post(f"{guarded}/v1/classify", data=slow, headers=TOKEN, timeout=60)
+        return start, response, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(timed, range(8)))
+    refused = [(r, end - start) for start, r, end in answers if r.status_code == 503]
+    assert refused and any(r.status_code == 200 for _, r, _ in answers)
+    assert all(r.headers["Retry-After"] == "1" and took < 2 for r, took in refused)
 
 
 def test_every_request_is_logged_with_its_version_outcome_and_latency(app):
@@ -370,22 +395,3 @@ def test_a_replica_killed_under_load_is_replaced_and_the_service_keeps_answering
         _until(lambda: len(seen) > before + 10, timeout=60)
     # Requests on the killed replica at that moment may fail; every other one is answered.
     assert len(failures) <= 4 and len(seen) > 20, failures
-
-
-def test_the_serve_config_deploys_with_the_serve_cli(app, tmp_path):
-    """`serve deploy` with infra/serve.yaml as users run it (the registry and model filled in, the test's
-    port), against the session cluster's dashboard; then the application answers."""
-    config = load_serve_config("infra/serve.yaml")
-    config["http_options"]["port"] = app["port"]
-    config["applications"][0].update(name="crossvit-cli", route_prefix="/cli")
-    config["applications"][0]["args"].update(registry=ROOT, model="tiny")
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    serve_cli = str(Path(RAY_CLI).with_name("serve"))
-    subprocess.run(
-        [serve_cli, "deploy", str(path), "-a", app["dashboard"]], check=True, capture_output=True, timeout=120
-    )
-    _until(lambda: "crossvit-cli" in serve.status().applications, timeout=60)
-    _until(lambda: serve.status().applications["crossvit-cli"].status == "RUNNING", timeout=120)
-    url = f"http://127.0.0.1:{app['port']}/cli"
-    assert classify(url, jpeg(0)).json()["version"] in (1, 2)

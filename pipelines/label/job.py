@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_tiny_240 on CPU: 0.9 GiB)
 WRITE_CPUS = 0.1  # a Parquet write task (Ray Data's default, 1, would wait for a whole free CPU)
-FREE_CPU_WAIT_S = 20.0  # how long a plan that does not fit waits for CPUs that are being freed
 CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
 JOB_RECORD = "_label_job.json"  # what the first run labeled with (see _pin_the_job)
 
@@ -65,6 +64,7 @@ class LabelConfig:
     use_gpu: bool = False
     embeddings: bool = False
     max_pixels: int = MAX_PIXELS
+    free_cpu_wait_s: float = 20.0  # how long a plan that does not fit waits for CPUs that are being freed
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,11 @@ def plan_label_cpus(cluster_cpus: float, replicas: tuple[int, int], use_gpu: boo
     return LabelPlan(decode, actor)
 
 
-def _plan_from_free_cpus(cfg: LabelConfig, resuming: bool, wait_s: float = FREE_CPU_WAIT_S) -> tuple[float, LabelPlan]:
+def _plan_from_free_cpus(cfg: LabelConfig, resuming: bool) -> tuple[float, LabelPlan]:
     """The plan for the CPUs free now (a Serve application or another job keeps what it holds). A job that
     just ended in this process, or on the cluster, frees its actors' CPUs a few seconds after it returns, so a
-    plan that does not fit is tried again for ``wait_s`` before it is the error."""
-    deadline = time.monotonic() + wait_s
+    plan that does not fit is tried again for ``cfg.free_cpu_wait_s`` before it is the error."""
+    deadline = time.monotonic() + cfg.free_cpu_wait_s
     while True:
         free = ray.available_resources().get("CPU", 0)
         try:
