@@ -1,6 +1,7 @@
 """Line coverage of crossvit/, pipelines/ and jobs/, per file and per kind of process that measured it.
 
-Run the suite with coverage on (README, "Testing"), then ``python tests/coverage_by_process.py``. It sorts
+Run the suite with coverage on, from no earlier data files (README, "Testing"), then
+``python tests/coverage_by_process.py``. It sorts
 coverage.py's parallel data files by the command line that wrote them (recorded in each file) and combines
 them into two reports:
 
@@ -16,7 +17,9 @@ file by file and exits 1 if one fell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -27,8 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _is_ray_worker(data_file: Path) -> bool:
-    with sqlite3.connect(data_file) as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'sys_argv'").fetchone()
+    """A file a Ray worker wrote, or one that cannot be read (a process killed while saving): not gated."""
+    try:
+        with contextlib.closing(sqlite3.connect(data_file)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'sys_argv'").fetchone()
+    except sqlite3.DatabaseError:
+        return True
     return bool(row) and "ray/_private/workers/" in row[0]
 
 
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write {'tests': {file: percent}, 'all': {...}} here")
     parser.add_argument("--baseline", help="a --json output of an earlier run: fail if a file's 'tests' figure fell")
     args = parser.parse_args(argv)
+    os.chdir(REPO)  # [tool.coverage.paths] and the report's file names are relative to the repository
 
     data_files = sorted(REPO.glob(".coverage.*"))
     if not data_files:
@@ -59,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     baseline = json.loads(Path(args.baseline).read_text())["tests"] if args.baseline else {}
     print(f"{'file':48} {'before':>7} {'tests':>7} {'all':>7}")
     fell = []
-    for path, percent in figures["tests"].items():
-        before = baseline.get(path)
+    for path in sorted(set(figures["tests"]) | set(baseline)):
+        percent, before = figures["tests"].get(path, 0.0), baseline.get(path)
         mark = ""
         if before is not None and percent < before:
             fell.append(path)
             mark = "  <- fell"
         shown = "" if before is None else f"{before:.1f}"
-        print(f"{path:48} {shown:>7} {percent:7.1f} {figures['all'][path]:7.1f}{mark}")
+        print(f"{path:48} {shown:>7} {percent:7.1f} {figures['all'].get(path, 0.0):7.1f}{mark}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     if fell:

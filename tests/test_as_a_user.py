@@ -4,6 +4,7 @@ session's cluster (a driver with no address joins any local cluster it finds thr
 stops it (``ray stop`` stops every Ray on the machine): it stops only what it started."""
 
 import io
+import logging
 import os
 import re
 import shutil
@@ -164,13 +165,16 @@ def test_the_demo_on_a_cluster_and_a_bucket_that_hold_earlier_work(ray_cluster, 
     label(LabelConfig(data.uri, f"{bucket}/labels/val", f"{bucket}/registry", "sample", split="val", top_k=3))
     capsys.readouterr()
 
-    apps_when_labeling = []
+    apps_when_labeling, connected = [], []
 
     def label_after_serve(cfg):
-        apps_when_labeling.extend(serve.status().applications)
+        apps_when_labeling.append(list(serve.status().applications))
         return label(cfg)
 
     monkeypatch.setattr(demo, "label", label_after_serve)
+    monkeypatch.setattr(demo, "connect", lambda **kwargs: connected.append(kwargs))  # this process is connected
+    for name in ("ray.data", "ray.serve"):  # the demo quiets them for its own output
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     monkeypatch.setattr(ray, "shutdown", lambda: None)  # the demo's own end; this process stays connected
     for name in ("RAY_DATA_LOG_LEVEL", "PYTHONWARNINGS"):  # what the demo sets, restored afterwards
         monkeypatch.setenv(name, os.environ.get(name, ""))
@@ -186,7 +190,8 @@ def test_the_demo_on_a_cluster_and_a_bucket_that_hold_earlier_work(ray_cluster, 
     # what Ray's workers log, which may break into a line)
     served = out[out.index("== 5. Ray Serve") : out.index("== 6. batch labeling")]
     assert served.count("POST ") == served.count(".JPEG -> ") == served.count("(version 2)") == 4, out
-    assert demo.DEMO_APP not in apps_when_labeling, apps_when_labeling
+    assert connected == [{"address": ray_cluster["address"], "logging_level": "ERROR", "log_to_driver": False}]
+    assert len(apps_when_labeling) == 1 and demo.DEMO_APP not in apps_when_labeling[0], apps_when_labeling
     assert re.search(r"labeled 0 input\(s\) .* holds 8 row\(s\), 0 with an error", out), out
     assert storage.exists(f"{bucket}/registry/sample/aliases/production.json")
 
@@ -250,7 +255,7 @@ def test_label_with_no_cluster_then_again_on_the_machines_cpus(user_env, tmp_pat
     assert "1 for Ray Data's checkpoint filter (resuming)" in again.stdout + again.stderr
 
 
-def test_demo_arguments_are_checked_before_anything_starts(capsys):
+def test_demo_arguments_are_checked_before_anything_starts(capsys, monkeypatch):
     from jobs import demo
 
     for args, message in (
@@ -263,6 +268,11 @@ def test_demo_arguments_are_checked_before_anything_starts(capsys):
         with pytest.raises(SystemExit):
             demo.main(args)
         assert message in capsys.readouterr().err
+    # A bucket and a cluster of yours reach the demo's steps (which test_the_demo_on_a_cluster_... runs).
+    given = {}
+    monkeypatch.setattr(demo.demo, "run", lambda *args, **kwargs: given.update(kwargs))
+    demo.main(["--bucket", "s3://mine/x", "--ray-address", "10.0.0.1:6379"])
+    assert given == {"bucket": "s3://mine/x", "ray_address": "10.0.0.1:6379"}
 
 
 def test_pyproject_admits_the_ray_release_the_code_is_written_for():

@@ -6,8 +6,10 @@ losing a node loses a worker. A node is lost the hard way: all of its processes 
 """
 
 import math
+import time
 
 import pytest
+import ray
 from helpers import checkpointed, train_workers, when
 
 from pipelines import storage
@@ -30,6 +32,14 @@ def trainer_nodes(add_module_nodes) -> list:
 
 def _alive(nodes: list) -> list:
     return [n for n in nodes if n.process.poll() is None]
+
+
+def _until_dead(node, timeout: float = 30) -> None:
+    """Until the cluster lists ``node`` dead (about 3 s here): before that its trainer slot is still offered."""
+    deadline = time.monotonic() + timeout
+    while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the cluster still lists a killed node alive"
+        time.sleep(0.2)
 
 
 def _kill_a_worker_node(nodes: list) -> object:
@@ -64,7 +74,7 @@ def test_a_fixed_size_run_survives_losing_a_node(cluster_data, trainer_nodes):
     once."""
     nodes = _alive(trainer_nodes)
     assert len(nodes) == 3
-    cfg = _config(cluster_data, "fixed", epochs=3, num_workers=2)
+    cfg = _config(cluster_data, "fixed", epochs=4, num_workers=2)
     run = f"{cfg.storage}/{cfg.name}"
 
     killer = when(lambda: checkpointed(run), lambda: _kill_a_worker_node(nodes))
@@ -85,6 +95,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data,
     nodes = _alive(trainer_nodes)  # 2 after the test above; 3 when this one runs alone
     for spare in nodes[2:]:
         spare.kill()
+        _until_dead(spare)
     nodes = nodes[:2]
     # Epochs of this tiny data set take 1-3 s; growing back took 7-10 epochs here: 18 leave a margin.
     cfg = _config(cluster_data, "elastic", epochs=18, num_workers="1-2", elastic_resize_interval_s=2)

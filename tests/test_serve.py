@@ -110,9 +110,10 @@ def test_replicas_that_cannot_be_placed_are_an_error_before_deploying():
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, s3_endpoint, tmp_path_factory):
-    """Version 1 promoted and served, deployed with the `serve` CLI as users deploy infra/serve.yaml (the
-    test's timings, the registry and model filled in, loopback and the test's port) against the session
-    cluster's dashboard; runs b and c ready to promote. Other applications use ``deploy``, as jobs.serve does."""
+    """Version 1 promoted and served, deployed with the `serve` CLI as users deploy infra/serve.yaml, against
+    the session cluster's dashboard: the file with the test's timings and limits (serve_test_config), the
+    registry and model filled in, loopback and the test's port. Runs b and c ready to promote. Other
+    applications use ``deploy``, as jobs.serve does."""
     storage.ensure_bucket(ROOT)
     for name, seed in (("a", 0), ("b", 100), ("c", 200)):
         write_run(f"s3://serve-test/runs/{name}", [50.0 + seed / 10], CLASSES, seed=seed)

@@ -187,6 +187,17 @@ def _tiny_run_config(**fields) -> TrainConfig:
     return TrainConfig.from_yaml(REPO / "jobs/configs/sample.yaml", **fields)
 
 
+def test_the_train_job_on_a_finished_run_ends_cleanly(monkeypatch, capsys):
+    """`python -m jobs.train` where fit has nothing to do (returns None, having said so): the job ends with
+    exit status 0 and no metrics (a submitted job again after its run finished; fit's side is tested below)."""
+    from jobs import train as job
+
+    monkeypatch.setattr(job, "fit", lambda cfg, **_: print("run x already finished its 1 epochs: nothing to do"))
+    job.main(["--config", "jobs/configs/sample.yaml", "--data", "s3://x/y", "--name", "x", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "final metrics" not in out
+
+
 def test_the_seed_gives_every_rank_and_run_the_same_initial_weights():
     cfg = _tiny_run_config(seed=3)
     a = training_state(cfg, 4, torch.device("cpu"), 1e-3)[0]
@@ -435,7 +446,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster,
     that checkpoint (FailureConfig) and the run finishes with every epoch recorded once."""
     storage.ensure_bucket("s3://kill-test")
     cfg = TrainConfig.from_yaml(
-        "jobs/configs/sample.yaml", data=sample_shards, storage="s3://kill-test/runs", name="killed", epochs=3,
+        "jobs/configs/sample.yaml", data=sample_shards, storage="s3://kill-test/runs", name="killed", epochs=4,
         batch_size=8,
     )  # fmt: skip
     run = f"{cfg.storage}/{cfg.name}"
@@ -450,9 +461,9 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ray_cluster,
     killer.join(timeout=5)
     killed = killer.result
     assert killed, "no worker was killed"
-    assert result.error is None and result.metrics["epoch"] == 2
+    assert result.error is None and result.metrics["epoch"] == 3
     history = load_history(run)
-    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
     assert any(m["resumed"] for m in history[1:])  # the new group started from a checkpoint
 
 
@@ -499,4 +510,4 @@ def test_a_submitted_job_stopped_mid_run_resumes_when_submitted_again(ray_cluste
     history = load_history(run)
     assert [m["epoch"] for m in history] == [0, 1, 2, 3]
     assert any(m["resumed"] for m in history[1:])
-    # (Submitted once more, it prints fit's "already finished ...: nothing to do", tested in-process above.)
+    # (Submitted once more, it ends at once: fit's answer and the job's are tested in-process above.)
