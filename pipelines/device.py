@@ -12,15 +12,16 @@ import logging
 
 import pyarrow as pa
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as TF
 
 from crossvit.transforms import IMAGENET_MEAN
 from pipelines.data.augment import AugmentConfig, crop_box, rand_augment_settings, sample_rng
 from pipelines.preprocess import eval_transform_tensor, normalize
 
 log = logging.getLogger(__name__)
+
+# torchvision is imported in the functions that use it: its import costs about 1.6 s of CPU (it pulls in
+# torch._dynamo), paid by every Ray process that unpickles a function of a module that imports it at the top
+# (Train's controller, Ray Data's coordinators), most of which never touch an image.
 
 
 def to_model_input(
@@ -40,6 +41,8 @@ def to_model_input(
     alpha is set, Mixup or CutMix (one of the two per batch, p 0.5 each), which make the targets soft
     (B, num_classes); otherwise targets stay class indices.
     """
+    from torchvision.transforms import v2
+
     x = normalize(images, channels_last=False)
     if train and random_erasing:
         erase = v2.RandomErasing(p=random_erasing, value="random")
@@ -109,6 +112,8 @@ def _decode_all(data: list[bytes], keys: list[str], device) -> list[torch.Tensor
     """Decode a batch: every JPEG in one ``decode_jpeg`` call (nvJPEG decodes a list as a batch on CUDA),
     other formats on the CPU. One bad JPEG fails the whole call; then each is decoded alone, so that only
     the bad one is dropped (None), with a warning naming its key."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     buffers = [torch.frombuffer(bytearray(raw), dtype=torch.uint8) for raw in data]
     jpegs = [i for i, raw in enumerate(data) if raw[:2] == b"\xff\xd8"]
     out: list[torch.Tensor | None] = [None] * len(data)
@@ -137,6 +142,9 @@ def _augment(img: torch.Tensor, size: int, aug: AugmentConfig, rng) -> torch.Ten
     steps: 0.9 of each operation's range) and number of operations; it applies every drawn operation (timm
     each with p 0.5), draws one magnitude per image and has no "increasing" variants. Its geometric operations
     resample bilinearly: torchvision's tensor affine ops have no bicubic (the crop stays bicubic)."""
+    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms.v2 import functional as TF
+
     top, left, h, w = crop_box(img.shape[-1], img.shape[-2], aug.scale, aug.ratio, rng)
     resample = InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else InterpolationMode.BILINEAR
     img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=resample, antialias=True)

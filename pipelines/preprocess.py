@@ -7,20 +7,25 @@ images decoded there (``eval_transform_tensor``), the last on the model's device
 -> float NCHW), so that images travel as uint8, 4x less than float32.
 ``open_image`` refuses an image whose header declares more than ``max_pixels`` before anything is
 decoded (a decompression bomb is a small file that decodes to gigabytes).
+
+torch and torchvision are imported inside the two device-side functions: the processes that run only the
+CPU half (decode tasks, Ray Data's coordinators, which unpickle it) then never import them, about 3 s of CPU
+each.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PIXELS = 64_000_000  # 64 megapixels: far above any photo worth classifying, far below a bomb
 
@@ -70,12 +75,17 @@ def eval_transform(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.n
 def eval_transform_tensor(img: torch.Tensor, size: int) -> torch.Tensor:
     """``eval_transform`` on an image decoded on a device (uint8 CHW, e.g. by nvJPEG): the same resize of
     the short side (bicubic, antialiased) and centre crop, with torchvision's tensor ops -> uint8 CHW."""
+    from torchvision.transforms import InterpolationMode  # here: see the module's docstring
+    from torchvision.transforms.v2 import functional as TF
+
     resized = TF.resize(img, [eval_resize_size(size)], interpolation=InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(resized, [size])
 
 
 def normalize(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """uint8 (B, H, W, 3) on any device -> float (B, 3, H, W), normalised with the ImageNet mean and std."""
+    import torch  # here: see the module's docstring
+
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
     x = (images.permute(0, 3, 1, 2).float() - mean) / std

@@ -6,6 +6,8 @@ losing a node loses a worker. A node is lost the hard way: all of its processes 
 """
 
 import math
+import os
+import signal
 import time
 
 import pytest
@@ -68,24 +70,38 @@ def cluster_data(ray_cluster, sample_shards) -> str:
     return sample_shards
 
 
-def test_a_fixed_size_run_survives_losing_a_node(cluster_data, trainer_nodes):
-    """Two workers on three nodes: the node of one worker is lost after the first checkpoint; Ray Train
-    restarts the group from that checkpoint on the nodes left and the run finishes, every epoch recorded
-    once."""
+def test_a_fixed_size_run_survives_a_killed_worker_and_a_lost_node(cluster_data, trainer_nodes):
+    """Two workers on three nodes, two failures in one run. After the first checkpoint one worker process is
+    SIGKILLed: Ray Train restarts the group from that checkpoint (FailureConfig). Once the new group has
+    recorded two epochs, the node of one of its workers is lost: the group restarts again, on the nodes left.
+    The run finishes with every epoch recorded once, and each restart started from a checkpoint."""
     nodes = _alive(trainer_nodes)
     assert len(nodes) == 3
-    cfg = _config(cluster_data, "fixed", epochs=4, num_workers=2)
+    cfg = _config(cluster_data, "fixed", epochs=6, num_workers=2)
     run = f"{cfg.storage}/{cfg.name}"
 
-    killer = when(lambda: checkpointed(run), lambda: _kill_a_worker_node(nodes))
+    def kill_a_worker() -> int:
+        worker = train_workers()[-1]
+        os.kill(worker.pid, signal.SIGKILL)
+        return worker.pid
+
+    def restarted_and_on() -> bool:
+        """The new group recorded its first epoch and one more: the loss below then restarts from a later
+        checkpoint, and its first epoch is another one (a "resumed" record of the same epoch would replace it)."""
+        history = load_history(run) if worker_killer.result is not None else []
+        return any(m["resumed"] for m in history[:-1])
+
+    worker_killer = when(lambda: checkpointed(run), kill_a_worker)
+    node_killer = when(restarted_and_on, lambda: _kill_a_worker_node(nodes))
     result = fit(cfg)
-    killer.join(timeout=5)
-    assert killer.result is not None, "no node was removed"
+    for thread in (worker_killer, node_killer):
+        thread.join(timeout=5)
+    assert worker_killer.result is not None and node_killer.result is not None, "the failures did not happen"
     assert result.error is None and result.metrics["epoch"] == cfg.epochs - 1
     history = load_history(run)
     assert [m["epoch"] for m in history] == list(range(cfg.epochs))
     assert all(m["workers"] == 2 for m in history)
-    assert any(m["resumed"] for m in history[1:])  # the new group started from a checkpoint, not from scratch
+    assert sum(m["resumed"] for m in history[1:]) == 2  # each new group started from a checkpoint, not scratch
 
 
 def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster_data, trainer_nodes, add_nodes):

@@ -1,6 +1,7 @@
 """Planning the cluster's CPUs, the stall watchdog, and local paths on a cluster of several nodes."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,9 @@ def test_no_batch_within_the_timeout_is_an_error_that_says_what_ray_waits_for(sm
     cpus = ray.cluster_resources()["CPU"]
     cfg = _config(
         small_data, str(tmp_path), name="starved", resources_per_worker={"CPU": cpus / 2}, min_ingest_cpus=0,
-        batch_timeout_s=10, max_failures=1,
+        batch_timeout_s=5, max_failures=1,
     )  # fmt: skip
-    with pytest.raises(Exception, match=r"RunStoppedError: StalledError: no training batch for 10 s") as err:
+    with pytest.raises(Exception, match=r"RunStoppedError: StalledError: no training batch for 5 s") as err:
         fit(cfg)
     message = str(err.value)
     assert f"CPU {cpus:g} of {cpus:g} in use" in message
@@ -98,3 +99,26 @@ def test_a_local_path_that_another_node_cannot_see_is_refused(small_data, add_no
     with pytest.raises(NotSharedError, match="not shared storage"):
         fit(_config(small_data, str(private), name="unshared"))
     assert node.node_id
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_processes_that_decode_nothing_import_no_torchvision_and_decode_tasks_no_torch():
+    """What a Ray process imports is CPU that every training and labeling run pays again for each of its
+    processes (a fit starts about fifteen): Ray Data's coordinators and the decode tasks unpickle
+    pipelines.data.ingest, Train's DatasetManager pipelines.train.data_config, its controller and workers
+    pipelines.train.loop. torchvision costs about
+    1.6 s of CPU to import, torch as much, timm and matplotlib more on top."""
+    code = (
+        "import sys; import {module}; "
+        "print(','.join(sorted(m for m in ('torch', 'torchvision', 'timm', 'matplotlib') if m in sys.modules)))"
+    )
+
+    def heavy(module: str) -> str:
+        cmd = [sys.executable, "-c", code.format(module=module)]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    assert heavy("pipelines.data.ingest") == ""
+    assert heavy("pipelines.train.data_config") == ""
+    assert heavy("pipelines.train.loop") == "torch"

@@ -27,10 +27,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from timm.data import rand_augment_transform
-from torchvision.transforms import ColorJitter
 
 from crossvit.transforms import IMAGENET_MEAN
 from pipelines.preprocess import MAX_PIXELS, open_image, open_reduced
@@ -120,6 +117,9 @@ _RAND_AUGMENT_CACHE: dict[tuple[str, int, str], object] = {}
 def rand_augment(spec: str, size: int, interpolation: str):
     """timm's RandAugment for ``spec`` with the arguments DeiT's create_transform passes: translations up to
     45 % of the image, the data set mean as fill, the recipe's interpolation (built once per process)."""
+    # timm (and torch and torchvision, which it imports) only here: see pipelines/preprocess.py.
+    from timm.data import rand_augment_transform
+
     key = (spec, size, interpolation)
     if key not in _RAND_AUGMENT_CACHE:
         hparams = {
@@ -181,6 +181,9 @@ def train_transform(data: bytes, size: int, aug: AugmentConfig, rng: random.Rand
         np.random.seed(draw % 2**32)
         img = rand_augment(aug.auto_augment, size, aug.interpolation)(img)
     if aug.color_jitter:
+        import torch  # torch and torchvision here only: see pipelines/preprocess.py
+        from torchvision.transforms import ColorJitter
+
         torch.default_generator.manual_seed(rng.getrandbits(63))  # torchvision's ColorJitter draws from torch
         img = ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter)(img)
     return np.asarray(img)

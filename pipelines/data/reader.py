@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource, ReadTask
-from webdataset.tariterators import base_plus_ext
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 BLOCK_ROWS = 64  # samples per block, and so per decode call
@@ -72,6 +71,10 @@ def read_tar(stream, shard: str, expected_samples: int | None = None) -> Iterato
     tarfile takes a cut between two members for a clean end, so when the manifest says how many samples a
     shard holds, every missing one becomes an error row too: nothing disappears uncounted.
     """
+    # Imported here: webdataset imports torch (1.5 s of CPU), which Ray Data's coordinators, that unpickle
+    # this module's datasource but read no tar, would pay for nothing.
+    from webdataset.tariterators import base_plus_ext
+
     rows: list[dict] = []
     key, sample, read = None, {}, 0
     try:

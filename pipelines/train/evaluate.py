@@ -1,34 +1,19 @@
 """Evaluation over the whole validation split, each sample exactly once, whatever the number of workers.
 
-Ray Train's DataConfig splits every dataset with ``equal=True``, which may drop rows to even the shards out:
-fine for training (every worker must take the same number of steps), wrong for evaluation. So "val" is
-split with ``equal=False`` (``ExactValDataConfig``), each worker counts its part, and one all-reduce sums
-the counts.
+"val" is split among the workers without evening the parts out (pipelines/train/data_config.py), each
+worker counts its part, and one all-reduce sums the counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import ray.train
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pipelines.device import to_model_input
-
-
-class ExactValDataConfig(ray.train.DataConfig):
-    """Ray Train's DataConfig, except that "val" is split with ``equal=False``."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        rest = {k: v for k, v in datasets.items() if k != "val"}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            for i, split in enumerate(datasets["val"].streaming_split(world_size, equal=False)):
-                output[i]["val"] = split
-        return output
 
 
 def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, device: torch.device) -> dict:

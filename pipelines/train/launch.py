@@ -27,7 +27,7 @@ from pipelines.data.bad_samples import bad_sample_counter
 from pipelines.data.dataset import DataSet
 from pipelines.data.ingest import read_split
 from pipelines.train.config import ConfigChangedError, TrainConfig, config_changes, scaling
-from pipelines.train.evaluate import ExactValDataConfig
+from pipelines.train.data_config import ExactValDataConfig
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.metrics import load_history
 
