@@ -37,6 +37,17 @@ def test_every_published_variant_is_listed_with_its_paper_alias():
         crossvit.create_model("crossvit_99_240")
 
 
+def test_the_package_names_resolve_on_first_use_and_a_misspelt_one_fails():
+    """crossvit's names load their module on first use (so that crossvit.transforms alone imports no torch):
+    each one the package lists resolves to what its module defines, and any other name is an error."""
+    from crossvit import model, weights
+
+    for name in crossvit.__all__:
+        assert getattr(crossvit, name) is getattr(weights if hasattr(weights, name) else model, name)
+    with pytest.raises(AttributeError, match="module 'crossvit' has no attribute 'create_modle'"):
+        crossvit.create_modle  # noqa: B018
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMS))
 def test_variant_matches_timm_exactly(name):
     """Same parameter count as published, timm's weights load strictly, logits agree to 1e-4 in fp32."""
