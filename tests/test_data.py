@@ -393,6 +393,23 @@ def test_the_rand_augment_is_timms_as_deit_builds_it():
     assert (AugmentConfig().scale, AugmentConfig().hflip, AugmentConfig().random_erasing) == ((0.08, 1.0), 0.5, 0.25)
 
 
+def test_colour_jitter_when_set_is_drawn_from_the_samples_own_generator():
+    """Colour jitter is off in the recipe (timm's, with RandAugment on) but can be set: then it changes the
+    image, and the same sample seed gives the same jitter (torchvision's ColorJitter draws from torch's
+    generator, seeded from the sample's)."""
+    from pipelines.data.augment import sample_rng, train_transform
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    plain, jitter = AugmentConfig(auto_augment=""), AugmentConfig(auto_augment="", color_jitter=0.4)
+
+    def augmented(aug: AugmentConfig, key: str) -> np.ndarray:
+        return train_transform(buf.getvalue(), 32, aug, sample_rng(0, 0, key))
+
+    assert np.array_equal(augmented(jitter, "a"), augmented(jitter, "a"))
+    assert not np.array_equal(augmented(jitter, "a"), augmented(plain, "a"))
+
+
 def test_posterize_at_the_top_magnitude_gives_black_not_an_error():
     """timm's PosterizeIncreasing keeps 0 bits at magnitude 10, which the magnitude noise reaches; Pillow 13
     raises for that, and the sample would be skipped as bad. It is black, as with the Pillow DeiT used."""
