@@ -21,6 +21,7 @@ from torch import nn
 
 import crossvit
 from crossvit.complexity import PAPER_GMACS, count_macs
+from crossvit.model import resolve_name
 
 # Dense bf16 peak of the accelerators we quote model FLOP utilisation for (TFLOP/s, no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 3090": 71.0}
@@ -104,7 +105,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    size = crossvit.VARIANTS[crossvit.model.resolve_name(args.model)].img_size
+    size = crossvit.VARIANTS[resolve_name(args.model)].img_size
     x = torch.randn(args.batch, 3, size, size, device=device)
     print(f"{args.model} batch {args.batch} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
 
@@ -131,7 +132,7 @@ def main() -> None:
             try:
                 macs = count_macs(crossvit.create_model(args.model), size)
             except ImportError:  # fvcore (a dev dependency) is not installed: the paper's count, which ours matches
-                macs = PAPER_GMACS[crossvit.model.resolve_name(args.model)] * 1e9
+                macs = PAPER_GMACS[resolve_name(args.model)] * 1e9
             flops_per_img = 2 * macs * (3 if train else 1)
             gpu = torch.cuda.get_device_name(device)
             peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
