@@ -117,11 +117,11 @@ _RAND_AUGMENT_CACHE: dict[tuple[str, int, str], object] = {}
 def rand_augment(spec: str, size: int, interpolation: str):
     """timm's RandAugment for ``spec`` with the arguments DeiT's create_transform passes: translations up to
     45 % of the image, the data set mean as fill, the recipe's interpolation (built once per process)."""
-    # timm (and torch and torchvision, which it imports) only here: see pipelines/preprocess.py.
-    from timm.data import rand_augment_transform
-
     key = (spec, size, interpolation)
     if key not in _RAND_AUGMENT_CACHE:
+        # timm (and torch and torchvision, which it imports) only here: see pipelines/preprocess.py.
+        from timm.data import rand_augment_transform
+
         hparams = {
             "translate_const": int(size * 0.45),
             "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
