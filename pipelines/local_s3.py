@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,11 +23,34 @@ from pipelines import storage
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1"}
 
 
+# Where free_port draws from: above the ports services listen on by default (Ray's workers take 10002-19999)
+# and below Linux's ephemeral range (32768-60999; macOS: 49152-65535), from which the kernel picks the local
+# port of every outgoing connection.
+_PORT_RANGE = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on loopback now (for the S3 endpoint, Serve's HTTP proxy, a test cluster)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback now, for a server that binds it a moment later (the S3 endpoint, Serve's
+    HTTP proxy and HAProxy, a test cluster's nodes).
+
+    Not the kernel's choice (bind to port 0): that comes from the ephemeral range, and the kernel hands the
+    same port to the next outgoing connection of any process; once, one of Ray's took Serve's port before
+    HAProxy bound it ("Address already in use", the demo failed). Nor a port this process already handed
+    out: several are drawn before the first is bound."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {_PORT_RANGE.start}-{_PORT_RANGE.stop - 1}")
 
 
 @contextlib.contextmanager

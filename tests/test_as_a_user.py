@@ -95,7 +95,7 @@ def test_the_readmes_training_steps_work_on_a_fresh_machine(user_env, sample_ima
             break
         time.sleep(2)
     assert out.returncode == 0 and "succeeded" in out.stdout and "final metrics" in out.stdout, _tail(out)
-    assert [m["epoch"] for m in load_history("s3://bucket/runs/sample")] == list(range(5))
+    assert [m["epoch"] for m in load_history("s3://bucket/runs/sample")] == [0, 1]
     # On a machine that has a token already (it ran the demo, or these steps), the first step keeps it.
     token = Path(user_env["HOME"], ".ray", "auth_token").read_text()
     again = subprocess.run(["bash", "-ec", commands[0]], cwd=REPO, env=user_env, capture_output=True, timeout=120)
@@ -107,12 +107,12 @@ def test_train_with_no_cluster_runs_on_the_machines_own_cpus(user_env, sample_sh
     (2 on CI), plans them between the 2 workers and the data pipeline, and finishes. Without the plan the
     workers took every CPU and the run waited for its first batch forever."""
     cmd = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/sample.yaml", "--data", sample_shards]
-    cmd += ["--storage", str(tmp_path / "runs"), "--name", "sample", "--epochs", "2", "--num-workers", "2"]
+    cmd += ["--storage", str(tmp_path / "runs"), "--name", "sample", "--epochs", "1", "--num-workers", "2"]
     out = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0 and "final metrics" in out.stdout, _tail(out)
     # As many CPUs as Ray finds on this machine (its cores, or a container's CPU quota), none given.
     assert re.search(r"CPU plan: \d+ CPUs in the cluster: 2 training worker\(s\)", out.stdout + out.stderr)
-    assert [m["epoch"] for m in load_history(str(tmp_path / "runs" / "sample"))] == [0, 1]
+    assert [m["epoch"] for m in load_history(str(tmp_path / "runs" / "sample"))] == [0]
 
 
 def test_the_demo_runs_with_another_class_count(user_env, tmp_path):

@@ -147,7 +147,10 @@ def test_bf16_autocast_and_channels_last(tiny_cfg):
 
 @pytest.mark.slow  # inductor compiles in worker processes
 def test_torch_compile_matches_eager(tiny_cfg):
-    model = CrossViT(tiny_cfg).eval()
+    """The whole model is one graph (fullgraph: no break), and inductor's code computes what eager does. One
+    multi-scale block (patch embeddings, both branches, the cross-attention fusion, the heads): inductor
+    compiles C++ on CPUs, and a second block only adds compile time (22 s instead of 29 s, cold cache)."""
+    model = CrossViT(replace(tiny_cfg, depth=((1, 1, 0),))).eval()
     x = torch.randn(2, 3, 48, 48)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():

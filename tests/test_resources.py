@@ -8,10 +8,21 @@ import pytest
 import ray
 
 from pipelines.cluster import NotSharedError, ResourcePlanError, check_shared_path, plan_training_cpus
+from pipelines.local_s3 import free_port
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def test_free_ports_are_never_ones_the_kernel_gives_to_outgoing_connections():
+    """A port for a server to bind a moment later comes from outside the ephemeral range (from which the
+    kernel picks every outgoing connection's local port: one of Ray's took Serve's port before HAProxy
+    bound it, and the demo failed in CI), and is never handed out twice while the first is not yet bound."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high or p < 20000]
 
 
 def test_a_small_machine_is_divided_between_the_workers_and_the_data_pipeline():

@@ -25,14 +25,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING
 
 import crossvit
 from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, eval_crop_pct, eval_resize_size
-from crossvit.weights import load_weights
 from pipelines import storage
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
 READY = "ready"
@@ -214,6 +214,12 @@ class Registry:
         self, version: ModelVersion, device: str | torch.device = "cpu", data: bytes | None = None
     ) -> crossvit.CrossViT:
         """The version's model in eval mode on ``device``, from ``data`` (read_weights' bytes) if given."""
+        # torch here, not at the top: listing versions and moving aliases (jobs.promote --list, --rollback)
+        # load no model, and start in a fraction of a second without it.
+        import safetensors.torch
+
+        from crossvit.weights import load_weights
+
         data = self.read_weights(version) if data is None else data
         model = crossvit.CrossViT(crossvit.CrossViTConfig.from_dict(version.meta["config"]))
         load_weights(model, safetensors.torch.load(data))
