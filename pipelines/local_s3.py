@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 from pipelines import storage
 
@@ -23,11 +24,18 @@ from pipelines import storage
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1"}
 
 
-# Where free_port draws from: above the ports services listen on by default (Ray's workers take 10002-19999)
-# and below Linux's ephemeral range (32768-60999; macOS: 49152-65535), from which the kernel picks the local
-# port of every outgoing connection.
-_PORT_RANGE = range(20000, 32768)
 _handed_out: set[int] = set()
+
+
+def _port_range() -> range:
+    """Where free_port draws from: above the ports services listen on by default (Ray's workers take
+    10002-19999) and below the ephemeral range, from which the kernel picks the local port of every outgoing
+    connection (Linux: 32768-60999 by default, read from /proc; macOS: from 49152). Empty where a machine's
+    ephemeral range starts lower."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return range(20000, low)
 
 
 def free_port() -> int:
@@ -37,10 +45,12 @@ def free_port() -> int:
     Not the kernel's choice (bind to port 0): that comes from the ephemeral range, and the kernel hands the
     same port to the next outgoing connection of any process; once, one of Ray's took Serve's port before
     HAProxy bound it ("Address already in use", the demo failed). Nor a port this process already handed
-    out: several are drawn before the first is bound."""
+    out: several are drawn before the first is bound. (Where no range is left below the ephemeral one, the
+    kernel's choice after all.)"""
+    ports = _port_range()
     rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.choice(_PORT_RANGE)
+    for _ in range(200 if len(ports) > 1000 else 0):
+        port = rng.choice(ports)
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -50,7 +60,9 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {_PORT_RANGE.start}-{_PORT_RANGE.stop - 1}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

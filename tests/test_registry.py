@@ -176,9 +176,9 @@ def test_concurrent_promotions_each_get_a_version_and_exactly_one_alias_move_win
 def test_a_version_number_is_claimed_once_and_a_left_lock_is_named(runs, root, monkeypatch):
     """Deterministic halves of the race: a second claim of a number fails (S3: If-None-Match); on a local
     path, a lock left by a killed writer is named in the error, not taken for another promotion."""
-    # A lock is waited out for 5 s before it is named; 1 s here (the live writer below keeps it 0.3 s).
+    # A lock is waited out for 5 s before it is named; 2 s here (the live writer below keeps it 0.3 s).
     replace_if = storage.replace_if
-    monkeypatch.setattr(storage, "replace_if", lambda *args, **kw: replace_if(*args, **kw, lock_wait_s=1.0))
+    monkeypatch.setattr(storage, "replace_if", lambda *args, **kw: replace_if(*args, **kw, lock_wait_s=2.0))
     claim = storage.join(root, "tiny", "versions", "7", "model.json")
     storage.create_exclusive(claim, b"{}")
     with pytest.raises(storage.PreconditionFailed):
@@ -252,7 +252,7 @@ def test_the_promote_job_as_a_user_runs_it(runs, tmp_path):
     assert lines[1].split()[:3] == ["1", "-", "80.00"] and lines[2].split()[:3] == ["2", "production", "85.00"]
     rolled = job("--rollback")
     assert rolled.returncode == 0 and "tiny:production -> version 1 (was 2)" in rolled.stdout
-    # Listing and rolling back load no model: no torch (1.4 s of the 3.3 s such a call took), no Ray.
+    # A listing loads no model: no torch (1.4 s of the 3.3 s such a call took), no Ray.
     code = f"import sys; from jobs.promote import main; main({['--registry', root, '--model', 'tiny', '--list']!r})"
     code += "; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     listed_alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,5 +1,6 @@
 """Planning the cluster's CPUs, the stall watchdog, and local paths on a cluster of several nodes."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from pipelines import local_s3
 from pipelines.cluster import NotSharedError, ResourcePlanError, check_shared_path, plan_training_cpus
 from pipelines.local_s3 import free_port
 from pipelines.train.config import TrainConfig
@@ -15,14 +17,29 @@ from pipelines.train.launch import fit
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_free_ports_are_never_ones_the_kernel_gives_to_outgoing_connections():
+def test_free_ports_are_never_ones_the_kernel_gives_to_outgoing_connections(monkeypatch):
     """A port for a server to bind a moment later comes from outside the ephemeral range (from which the
     kernel picks every outgoing connection's local port: one of Ray's took Serve's port before HAProxy
     bound it, and the demo failed in CI), and is never handed out twice while the first is not yet bound."""
-    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not ephemeral.exists() or int(ephemeral.read_text().split()[0]) < 21000:
+        pytest.skip("no Linux ephemeral port range here, or one that leaves no room below it")
+    low, high = map(int, ephemeral.read_text().split())
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     assert not [p for p in ports if low <= p <= high or p < 20000]
+    # A drawn port that something listens on, or that was handed out already, is passed over.
+    with socket.socket() as busy, socket.socket() as probe:
+        busy.bind(("127.0.0.1", 0))
+        probe.bind(("127.0.0.1", 0))
+        spare = probe.getsockname()[1]
+        probe.close()
+        draws = iter([busy.getsockname()[1], ports[0], spare])
+        monkeypatch.setattr(local_s3.random.SystemRandom, "choice", lambda self, seq: next(draws))
+        assert free_port() == spare
+    # A machine whose ephemeral range starts just above 20000 leaves no room below it: the kernel's choice.
+    monkeypatch.setattr(local_s3, "_port_range", lambda: range(20000, 20500))
+    assert free_port() >= 1024
 
 
 def test_a_small_machine_is_divided_between_the_workers_and_the_data_pipeline():

@@ -443,7 +443,7 @@ def test_images_decoded_on_the_training_device_and_trackers_that_receive_every_e
 
 
 # ------------------------------------------------------------------------------------------------------
-# As a cluster user runs it: `ray job submit`, `ray job stop`, submit again
+# As a cluster user runs it: `ray job submit`, `ray job stop`, start again
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -461,8 +461,9 @@ def _ray_job(ray_cluster, *args: str, timeout: float = 240) -> subprocess.Comple
 def test_a_submitted_job_stopped_mid_run_resumes_when_started_again(ray_cluster, sample_shards, capsys):
     """``ray job submit --working-dir . -- python -m jobs.train ...``; ``ray job stop`` after the first
     checkpoint; the same command again resumes from the latest checkpoint and finishes the run. The second
-    start runs jobs.train's main in this process, a driver of its own as a second job's is: submitting it
-    again only repeated what the first submission (and the README's steps) show of `ray job submit`, for 35 s."""
+    start runs jobs.train's main in this process (this test session's driver, not the stopped job's): a
+    second submission repeated what the first one and the README's steps show of `ray job submit`, for 35 s.
+    (Its log line "resuming ... after epoch" is not checked here; the records' "resumed" is.)"""
     data = sample_shards
     storage.ensure_bucket("s3://job-test")
     run = "s3://job-test/runs/submitted"
