@@ -84,7 +84,7 @@ def decode_on_device(
     keys, data, labels = _column(encoded, "key"), _column(encoded, "encoded"), _column(encoded, "label")
     epochs = _column(encoded, "epoch")
     images, kept, failed = [], [], []
-    decoded = _decode_all(data, keys, device)
+    decoded = decode_all(data, keys, device)
     for img, key, label, epoch in zip(decoded, keys, labels, epochs):
         if img is None:
             failed.append((epoch, key))
@@ -108,7 +108,7 @@ def decode_on_device(
     return torch.stack(images).permute(0, 2, 3, 1), torch.tensor(kept, device=device)
 
 
-def _decode_all(data: list[bytes], keys: list[str], device) -> list[torch.Tensor | None]:
+def decode_all(data: list[bytes], keys: list[str], device) -> list[torch.Tensor | None]:
     """Decode a batch: every JPEG in one ``decode_jpeg`` call (nvJPEG decodes a list as a batch on CUDA),
     other formats on the CPU. One bad JPEG fails the whole call; then each is decoded alone, so that only
     the bad one is dropped (None), with a warning naming its key."""

@@ -27,15 +27,19 @@ LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AW
 _handed_out: set[int] = set()
 
 
+SERVE_REPLICA_PORTS = 30000  # Serve's replicas listen from here (direct ingress: HTTP 30000-31000, gRPC 40000-)
+
+
 def _port_range() -> range:
     """Where free_port draws from: above the ports services listen on by default (Ray's workers take
-    10002-19999) and below the ephemeral range, from which the kernel picks the local port of every outgoing
-    connection (Linux: 32768-60999 by default, read from /proc; macOS: from 49152). Empty where a machine's
-    ephemeral range starts lower."""
+    10002-19999), below the ports Serve's replicas pick for themselves (a port handed out here and bound a
+    moment later could be one a replica took meanwhile), and below the ephemeral range, from which the kernel
+    picks the local port of every outgoing connection (Linux: 32768-60999 by default, read from /proc;
+    macOS: from 49152). Empty where a machine's ephemeral range starts lower."""
     low = 32768
     with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    return range(20000, low)
+    return range(20000, min(low, SERVE_REPLICA_PORTS))
 
 
 def free_port() -> int:

@@ -27,7 +27,11 @@ from crossvit.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 if TYPE_CHECKING:
     import torch
 
-MAX_PIXELS = 64_000_000  # 64 megapixels: far above any photo worth classifying, far below a bomb
+# 50 megapixels: a 48 MP phone photo (8000 x 6000) passes. What a tiny hostile file of each format costs to
+# decode at this limit is measured in benchmarks/RESULTS.md ("Decoding costs"): a JPEG is decoded at a
+# reduced DCT scale (a few MB), a PNG or WebP in full (up to about 750 MB and 1 s of CPU for a 2 KB WebP).
+MAX_PIXELS = 50_000_000
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: what Pillow calls the JPEGs of many cameras and phones
 
 
 class ImageTooLargeError(ValueError):
@@ -36,7 +40,9 @@ class ImageTooLargeError(ValueError):
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open (not decode) an image, checking its declared size first. Raises what Pillow raises for bytes
-    that are no image it reads (PIL.UnidentifiedImageError), and ImageTooLargeError."""
+    that are no image it reads (PIL.UnidentifiedImageError), and ImageTooLargeError. Only the first frame of
+    a multi-frame image (an animated WebP or PNG, an MPO) is ever decoded: Pillow opens at frame 0 and
+    nothing here seeks."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # Pillow's own limit (about 179 megapixels) came first
@@ -52,7 +58,7 @@ def open_reduced(data: bytes, need_w: float, need_h: float, max_pixels: int = MA
     and its scale relative to the original."""
     img = open_image(data, max_pixels)
     width = img.width
-    if img.format == "JPEG":
+    if img.format in JPEG_FORMATS:
         img.draft("RGB", (math.ceil(need_w), math.ceil(need_h)))
     img = img.convert("RGB")
     return img, img.width / width
@@ -65,6 +71,18 @@ def eval_transform(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.n
         W, H = probe.size
     factor = eval_resize_size(size) / min(W, H)
     img, scale = open_reduced(data, W * min(1.0, factor), H * min(1.0, factor), max_pixels)
+    return _resize_crop(img, W, H, scale, size)
+
+
+def eval_transform_array(pixels: np.ndarray, size: int) -> np.ndarray:
+    """``eval_transform`` on decoded pixels (uint8 H x W x 3, e.g. an OIP tensor input) -> uint8 HWC."""
+    H, W = pixels.shape[:2]
+    return _resize_crop(Image.fromarray(pixels, "RGB"), W, H, 1.0, size)
+
+
+def _resize_crop(img: Image.Image, W: int, H: int, scale: float, size: int) -> np.ndarray:
+    """The resize and centre crop of a W x H image decoded at ``scale`` of its size (a reduced JPEG)."""
+    factor = eval_resize_size(size) / min(W, H)
     new_w, new_h = round(W * factor), round(H * factor)
     left, top = round((new_w - size) / 2), round((new_h - size) / 2)  # as torchvision's CenterCrop
     k = scale / factor  # the crop box in decoded pixels

@@ -136,6 +136,11 @@ def ray_cluster(s3_endpoint):
         # local cluster (see there): the tests exercise the Serve configuration the product starts.
         "RAY_num_workers_soft_limit": "16",
         **{name: str(free_port()) for name in HAPROXY_PORTS},  # as connect() does: another Serve may run here
+        # Serve's replicas pick their own ports, every cluster from 30000 up by default; beside another Ray with
+        # Serve on this machine (the tests that run jobs.serve or the demo as a user), HAProxy here once routed
+        # requests to the other cluster's replica. The session cluster's replicas take ports of their own.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "31000",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "31999",
     }
     subprocess.run(
         [

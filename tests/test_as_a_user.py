@@ -203,7 +203,8 @@ def test_the_demo_on_a_cluster_and_a_bucket_that_hold_earlier_work(ray_cluster, 
 
 def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
     """`python -m jobs.serve` with no Ray running: its own Ray with the machine's CPUs, the application of
-    infra/serve.yaml, answers over HTTP, and Ctrl-C stops it within seconds. Its output goes to a file, not a
+    infra/serve.yaml, answers over HTTP (administration off: no admin token), and Ctrl-C stops it within
+    seconds. Its output goes to a file, not a
     pipe: a pipe nobody reads any more fills up with Ray's forwarded logs and blocks the process on its next
     print (how this test once failed in CI, as if Ctrl-C hung)."""
     classes = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
@@ -228,6 +229,9 @@ def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
         Image.new("RGB", (64, 48), "red").save(buf, format="JPEG")
         answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=buf.getvalue(), timeout=60).json()
         assert answer["version"] == 1 and len(answer["labels"]) == 4
+        # No admin token set: administration is off, not anonymous (it once answered a reload with 200).
+        reload = requests.post(f"http://127.0.0.1:{port}/v1/admin/reload", timeout=60)
+        assert reload.status_code == 403 and "administration is off" in reload.json()["error"]
     finally:
         proc.send_signal(signal.SIGINT)
         stopping = time.monotonic()

@@ -150,7 +150,8 @@ def test_a_request_cancelled_while_queued_is_left_out_of_its_batch():
 
 def test_a_batching_loop_that_ends_fails_what_it_holds_and_the_next_request_starts_another():
     """The loop itself is interrupted (not an error of one batch): its requests fail at once instead of
-    waiting forever, ``failure`` says so (the replica's health check reports it), and serving goes on."""
+    waiting forever, ``failure`` says so (the replica's health check reports it), and serving goes on; once a
+    new loop runs, ``failure`` is cleared (else the health check would kill a replica that works again)."""
 
     async def main():
         async def run(items: list) -> list:
@@ -162,7 +163,36 @@ def test_a_batching_loop_that_ends_fails_what_it_holds_and_the_next_request_star
         with pytest.raises(RuntimeError, match="interrupted"):
             await asyncio.wait_for(batcher.submit(ready("stop")), 5)
         await asyncio.sleep(0)  # the loop's end is noticed
-        return batcher.failure, await asyncio.wait_for(batcher.submit(ready("next")), 5)
+        failure = batcher.failure
+        return failure, await asyncio.wait_for(batcher.submit(ready("next")), 5), batcher.failure
 
-    failure, after = asyncio.run(main())
-    assert failure == "RuntimeError: cancelled" and after == "rnext"
+    failure, after, now = asyncio.run(main())
+    assert failure == "RuntimeError: cancelled" and after == "rnext" and now is None
+
+
+def test_a_request_still_preparing_when_the_loop_ends_is_answered_by_the_next_loop():
+    """The loop ends while another request is still decoding: that request's item goes to a new loop, not
+    into the ended loop's queue, where it would wait forever."""
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def run(items: list) -> list:
+            if "stop" in items:
+                raise asyncio.CancelledError  # the loop ends
+            return [f"r{i}" for i in items]
+
+        async def late():
+            await gate.wait()
+            return "late"
+
+        batcher = Batcher(run, max_size=16, wait_s=0.0)
+        pending = asyncio.create_task(batcher.submit(late()))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            await asyncio.wait_for(batcher.submit(ready("stop")), 5)
+        await asyncio.sleep(0)  # the loop's end is noticed
+        gate.set()
+        return await asyncio.wait_for(pending, 5)
+
+    assert asyncio.run(main()) == "rlate"

@@ -39,8 +39,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from pipelines.cluster import SERVE_ENV, plan_training_cpus
 from pipelines.label.job import plan_label_cpus
-from pipelines.serve.app import ServeSettings
 from pipelines.serve.deploy import deployment_options, plan_serving_resources
+from pipelines.serve.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -442,7 +442,8 @@ def infra_files() -> list[Path]:
 
 
 def literal_credentials(text: str) -> list[str]:
-    found = [f"{name} = {value}" for name, _, value in ASSIGNMENT.findall(text)]
+    # secretName (a volume's Secret) names a Secret object, as secretKeyRef's name does: no credential
+    found = [f"{name} = {value}" for name, _, value in ASSIGNMENT.findall(text) if name != "secretName"]
     return found + [what for what, pattern in LEAKS.items() if pattern.search(text)]
 
 
@@ -469,8 +470,10 @@ def test_no_credential_is_written_anywhere_in_infra():
         assert literal_credentials(path.read_text()) == [], path
     for _, obj in k8s_objects():
         for node in walk(obj):
-            if CREDENTIAL_NAME.search(str(node.get("name", ""))):  # an env entry: a reference, never a value
-                assert "value" not in node, node
+            name = str(node.get("name", ""))
+            if CREDENTIAL_NAME.search(name):  # an env entry: a reference, never a value
+                # (a variable naming the file a Secret is mounted as holds a path, not the credential)
+                assert "value" not in node or (name.endswith("_FILE") and node["value"].startswith("/")), node
         if obj["kind"] == "Secret":
             for key, value in {**obj.get("stringData", {}), **obj.get("data", {})}.items():
                 assert not CREDENTIAL_NAME.search(key) or PLACEHOLDER.match(value), (obj["metadata"]["name"], key)
@@ -490,6 +493,7 @@ def test_the_credential_scan_finds_credentials():
         'AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"',
         'token: "<bearer token>"',
         "secretKeyRef:",
+        "secretName: crossvit-serve-token",
         "~/.ray/auth_token: ~/.ray/auth_token",
         "# RAY_AUTH_MODE=token: token authentication",
     ):
@@ -507,6 +511,9 @@ def test_every_secret_reference_names_a_secret_and_key_that_secrets_example_defi
             if "secretRef" in node:
                 assert node["secretRef"]["name"] in defined, node
                 used.add(node["secretRef"]["name"])
+            if isinstance(node.get("secret"), dict):  # a volume of a Secret's keys
+                assert node["secret"]["secretName"] in defined, node
+                used.add(node["secret"]["secretName"])
     assert used == set(defined)  # each Secret there is used, each one used is there
     assert defined["crossvit-s3"] >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
@@ -560,6 +567,20 @@ def test_the_rayservice_serves_infra_serve_yaml_through_serves_schema():
     assert source.is_file() and re.search(rf"^def {attribute}\(", source.read_text(), re.M)
 
 
+def test_the_ingress_limits_bodies_to_the_apps_limit_and_keeps_administration_inside():
+    """Ray's ingress cannot limit body sizes; the Ingress in front of it must, at the application's own limit
+    (nginx's size units: k, m, g of 1024), and must route no admin path."""
+    ingress = one("Ingress", "crossvit-online")
+    size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    number, unit = int(size[:-1]), size[-1].lower()
+    (app,) = yaml.safe_load((INFRA / "serve.yaml").read_text())["applications"]
+    assert number * 1024 ** ("kmg".index(unit) + 1) == app["args"]["max_body_bytes"]
+    (rule,) = ingress["spec"]["rules"]
+    paths = [p["path"] for p in rule["http"]["paths"]]
+    assert not any(p.startswith("/v1/admin") or p in ("/", "/v1") for p in paths), paths
+    assert {p["backend"]["service"]["name"] for p in rule["http"]["paths"]} == {"crossvit-online-serve-svc"}
+
+
 def test_serve_errors_finds_misspelt_options():
     config = yaml.safe_load((INFRA / "serve.yaml").read_text())
     app = config["applications"][0]
@@ -579,8 +600,14 @@ def test_the_rayservice_starts_every_node_with_serves_fast_path_and_the_apps_set
         env = {e["name"]: e for e in ray_container(group).get("env", [])}
         assert {k: env[k].get("value") for k in SERVE_ENV if k in env} == SERVE_ENV, group_name
         assert env["CROSSVIT_REGISTRY"]["value"].startswith("s3://") and env["CROSSVIT_MODEL"]["value"]
-        ref = env["CROSSVIT_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": "crossvit-serve-token", "key": "token"}
+        # The tokens as files of mounted Secrets (re-read when Kubernetes rotates them), not as variables.
+        container, pod = ray_container(group), group["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        secrets_ = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        for variable, secret in (("CROSSVIT_SERVE_TOKEN_FILE", "crossvit-serve-token"),
+                                 ("CROSSVIT_SERVE_ADMIN_TOKEN_FILE", "crossvit-serve-admin-token")):  # fmt: skip
+            (volume,) = [name for name, s in secrets_.items() if s == secret]
+            assert env[variable]["value"] == f"{mounts[volume]}/token", group_name
     assert spec["enableInTreeAutoscaling"] is True
 
 

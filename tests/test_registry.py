@@ -124,6 +124,8 @@ def test_an_alias_moved_since_it_was_read_is_not_moved_again(runs, root, tmp_pat
         reg.move_alias("tiny", "production", mine.number, expected=stale, why="test")
     assert reg.read_alias("tiny", "production")[0]["version"] == 2
     assert reg.get("tiny", mine.number).meta["status"] == "ready"
+    # A copied model.json names another version: the registry's own fields win.
+    assert (mine.number, mine.meta["version"], reg.get("tiny", mine.number).meta["version"]) == (3, 3, 3)
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["new-alias", "existing-alias"])

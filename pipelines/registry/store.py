@@ -89,7 +89,7 @@ class ModelVersion:
         return self.meta.get("metrics", {}).get("val_top1")
 
     def describe(self) -> dict:
-        """What a client sees of it (Serve's /v1/models)."""
+        """What a client sees of it (Serve's /v1/models): no storage URIs (``source`` has them)."""
         return {
             "model": self.model,
             "version": self.number,
@@ -99,8 +99,11 @@ class ModelVersion:
             "metrics": self.meta.get("metrics", {}),
             "data_fingerprint": self.meta.get("data_fingerprint"),
             "created": self.meta.get("created"),
-            "source": {k: self.meta.get("source", {}).get(k) for k in ("run", "checkpoint")},
         }
+
+    def source(self) -> dict:
+        """The run and checkpoint it came from (storage URIs: for operators, not clients)."""
+        return {k: self.meta.get("source", {}).get(k) for k in ("run", "checkpoint")}
 
 
 class Registry:
@@ -186,11 +189,11 @@ class Registry:
         uri = self._version_uri(model, number)
         storage.upload_file(weights, storage.join(uri, "weights.safetensors"))
         full = {
+            **meta,  # first: the registry's own fields below are never the caller's (a copied model.json)
             "format": FORMAT,
             "model": model,
             "version": number,
             "status": READY,
-            **meta,
             "weights": {"file": "weights.safetensors", "sha256": digest, "bytes": len(data)},
             "created": now(),
             "created_by": who(),

@@ -1,6 +1,12 @@
 """The online serving stage: a Ray Serve application that serves the version a registry alias names.
 
-- ``app``: the deployment (FastAPI ingress, dynamic batching, hot reload, input limits, auth, metrics)
-- ``deploy``: deploying it from its config file (infra/serve.yaml) with the CPUs planned first
-  (``python -m jobs.serve``)
+- ``app``: the deployment and its routes (/v1, the Open Inference Protocol's /v2, administration)
+- ``settings``: its arguments (infra/serve.yaml's ``args``)
+- ``model``: the served version, and the thread that follows the registry (hot reload)
+- ``images``: a request's images -> the model's input, with the checks hostile files need (CPU or GPU)
+- ``oip``: the Open Inference Protocol's request and response codec (binary extension included)
+- ``auth``: the classification and admin bearer tokens
+- ``batching``: dynamic batching (why not ``@serve.batch``)
+- ``errors``: the 4xx a client must fix
+- ``deploy``: deploying it from its config file with the CPUs planned first (``python -m jobs.serve``)
 """

@@ -1,101 +1,72 @@
 """Online classification: a Ray Serve application (FastAPI ingress) serving a registered version.
 
-Routes:
+Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 - ``POST /v1/classify?top_k=5``: the body is the image (jpg, png, webp) or a multipart form with a field
   ``image``; answers the top-k class indices, names and probabilities, and the model and version.
 - ``POST /v1/classify/batch``: a multipart form with several ``image`` fields, answered in order, each with
   its own result or its own error.
-- ``GET /v1/models``: what is served and what the replica follows; ``GET /healthz``; ``POST
-  /v1/admin/reload``: check the alias now.
+- ``GET /v1/models``: what is served (name, version, classes, preprocessing, metrics); ``GET /healthz``.
+- The Open Inference Protocol (KServe v2 REST, pipelines/serve/oip.py): ``GET /v2``,
+  ``/v2/health/{live,ready}``, ``/v2/models/{name}[/versions/{v}]``, ``.../ready``, ``POST .../infer``.
+- Administration, off unless an admin token is configured (pipelines/serve/auth.py): ``GET
+  /v1/admin/status`` (the registry, the alias, refused versions and why, the settings) and ``POST
+  /v1/admin/reload`` (the replica that takes it checks the alias now; 504 if that does not end in time).
 
 Each replica decodes and preprocesses on a thread pool (Pillow releases the GIL) with the evaluation
-preprocessing that training used (pipelines/preprocess.py), groups the requests that arrive while the model
-is busy into its next batch (pipelines/serve/batching.py says why not ``@serve.batch``), and runs every torch
-op on one thread of its own (``torch.inference_mode``, bf16 autocast on a GPU). A watcher thread follows the
-registry: when the alias moves, the new version is read and checked beside the served one, built and warmed
-up on the model thread between its batches (a pause of one batch or so; ``compile: true`` pauses serving for
-the compilation), then swapped in with one reference assignment, so no request fails or sees a half-loaded
-model; a batch in flight finishes on the model it started with. Serve's ``reconfigure`` is not used for
-this: it takes the replica out of routing while it runs, and a load takes seconds.
+preprocessing that training used (pipelines/serve/images.py), or, with ``decode_on_device``, hands a batch's
+JPEGs to nvJPEG on its GPU; groups the requests that arrive while the model is busy into its next batch
+(pipelines/serve/batching.py says why not ``@serve.batch``), and runs every torch op on one thread of its
+own (``torch.inference_mode``, bf16 autocast on a GPU). A watcher thread follows the registry
+(pipelines/serve/model.py): a new version is loaded beside the served one and swapped in whole, so no
+request fails or sees a half-loaded model. Serve's ``reconfigure`` is not used for this: it takes the
+replica out of routing while it runs, and a load takes seconds.
 
-Hostile input is a 4xx with a JSON body, never a 5xx: the body size is limited while it streams (Serve's
-proxy has no limit), the pixel count is checked before decoding, and decoding errors are the client's.
+Hostile input is a 4xx with a JSON body, never a 5xx: the body size is limited while it streams, the format
+and pixel count are checked before decoding, and decoding errors are the client's. Memory: Ray reads the body
+of every request a replica admits (running or queued) before this code sees it, so what bounds bodies is
+max_ongoing_requests + max_queued_requests and the ingress's body limit (infra/serve.yaml gives the figures);
+decoding holds one image per decode thread.
 """
 
 import asyncio
-import hmac
+import functools
 import logging
 import math
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import get_type_hints
+from dataclasses import asdict
+from importlib.metadata import version as package_version
 
 import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from PIL import UnidentifiedImageError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import metrics
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
-from pipelines.preprocess import ImageTooLargeError, eval_transform, normalize, open_image
-from pipelines.registry.store import ModelVersion, Registry
+from pipelines.preprocess import eval_transform_array
+from pipelines.registry.store import Registry
+from pipelines.serve import images, oip
+from pipelines.serve.auth import Token, TokenError
 from pipelines.serve.batching import Batcher
+from pipelines.serve.errors import ClientError
+from pipelines.serve.model import Follower, Loaded, load_version
+from pipelines.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve.crossvit")  # under Serve's logger: into the replica's log files
 
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: what Pillow calls the JPEGs of many cameras and phones
-
-
-@dataclass
-class ServeSettings:
-    """The application's arguments (``args`` of infra/serve.yaml, or ``python -m jobs.serve``'s flags).
-    ``registry`` and ``model`` default to $CROSSVIT_REGISTRY and $CROSSVIT_MODEL."""
-
-    registry: str = ""
-    model: str = ""
-    alias: str = "production"
-    version: int | None = None  # serve this version and follow no alias
-    poll_interval_s: float = 10.0  # how often each replica checks the alias
-    max_batch_size: int = 16  # the most images per model call
-    batch_wait_timeout_s: float = 0.005  # the most a batch waits for requests still being decoded
-    max_body_bytes: int = 25 * 2**20
-    max_pixels: int = 64_000_000  # checked from the header, before decoding
-    max_batch_images: int = 16  # images in one /v1/classify/batch request
-    decode_threads: int = 0  # 0: the replica's CPUs
-    compile: bool = False  # torch.compile, warmed up before the replica reports healthy
-    auth_token_env: str = "CROSSVIT_SERVE_TOKEN"  # bearer token from this variable, if set
-    auth_token_file: str = ""  # or from this file (a mounted Kubernetes secret)
-    request_log_level: str = "INFO"  # the per-request line (version, latency, outcome)
-
-    def __post_init__(self) -> None:
-        self.registry = self.registry or os.environ.get("CROSSVIT_REGISTRY", "")
-        self.model = self.model or os.environ.get("CROSSVIT_MODEL", "")
-        if not self.registry or not self.model:
-            raise ValueError("the registry and the model to serve: args registry/model, or CROSSVIT_REGISTRY/MODEL")
-        # `serve run ... key=value` passes strings: convert them by the field's type.
-        for name, kind in get_type_hints(ServeSettings).items():
-            value = getattr(self, name)
-            if isinstance(value, str) and kind in (int, float, int | None, bool):
-                if kind is bool:
-                    setattr(self, name, value.lower() in ("1", "true", "yes", "on"))
-                elif value.lower() in ("", "none", "null"):
-                    setattr(self, name, None)
-                else:
-                    setattr(self, name, float(value) if kind is float else int(value))
-        self.request_log_level = str(self.request_log_level).upper()
-        if self.request_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError(f"request_log_level {self.request_log_level!r}: DEBUG, INFO, WARNING or ERROR")
-        if self.max_batch_size < 1 or self.max_batch_images < 1 or self.max_body_bytes < 1:
-            raise ValueError("max_batch_size, max_batch_images and max_body_bytes must be positive")
+RELOAD_TIMEOUT_S = 300.0  # the most an admin reload waits for its check (a large version, slow storage)
+INLINE_JSON_BYTES = 64 * 1024  # an OIP request's JSON up to this size is parsed on the event loop
+# The request bodies the routes read themselves (FastAPI cannot infer them), for the OpenAPI document.
+_FILE = {"type": "string", "format": "binary"}
+_FORM = {"multipart/form-data": {"schema": {"type": "object", "properties": {"image": _FILE}}}}
+ONE_IMAGE = {"requestBody": {"content": {"image/jpeg": {"schema": _FILE}, "image/png": {"schema": _FILE},
+                                         "image/webp": {"schema": _FILE}, **_FORM}}}  # fmt: skip
+IMAGE_FORM = {"requestBody": {"content": _FORM}}
 
 
 def _finite(value):
@@ -113,31 +84,13 @@ def error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-class ClientError(Exception):
-    """A request the client must change: its status and message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class Loaded:
-    """A version ready to answer: its model on the device, its description and class names."""
-
-    def __init__(self, version: ModelVersion, model: torch.nn.Module, device: torch.device):
-        self.version, self.model, self.device = version, model, device
-        self.names = [c["name"] for c in version.classes]
-        self.size = version.image_size
-
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, S, S, 3) -> class probabilities (B, classes), float32."""
-        x = normalize(torch.from_numpy(images).to(self.device), channels_last=self.device.type == "cuda")
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.model(x).float().softmax(dim=-1).cpu().numpy()
-
-
-# No interactive docs: they would be routes outside the bearer-token check.
-app = FastAPI(title="CrossViT classifier", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(
+    title="CrossViT classifier",
+    version=package_version("crossvit-ray"),
+    description="Image classification with a registered CrossViT version: /v1 (this project's JSON) and /v2 "
+    "(the Open Inference Protocol, KServe v2 REST, with the binary tensor data extension).",
+    redoc_url=None,
+)
 
 
 @app.exception_handler(RequestValidationError)
@@ -147,12 +100,24 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return error(422, problems)
 
 
+def _request_id(request: Request) -> str:
+    """Serve's id of this request: the client's X-Request-ID if it sent one (also the response's header)."""
+    try:
+        return serve.context._get_serve_request_context().request_id or request.headers.get("x-request-id", "-")
+    except Exception:  # outside a replica (unit tests)
+        return request.headers.get("x-request-id", "-")
+
+
 @serve.deployment(name="Classifier")
 @serve.ingress(app)
 class Classifier:
     def __init__(self, settings: dict):
         self.settings = s = ServeSettings(**settings)
         self.log_level = logging.getLevelName(s.request_log_level)  # the per-request line's level
+        self.token = Token("classification", s.auth_token_env, s.auth_token_file)
+        self.admin_token = Token("admin", s.admin_token_env, s.admin_token_file)
+        if self.admin_token.same_as(self.token):
+            raise TokenError("the admin token is the classification token: every client could administer")
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; torch's intra-op threads follow it, and so does
         # the decode pool, so the replica uses the cores it was given and no more.
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -166,15 +131,18 @@ class Classifier:
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.registry = Registry(s.registry)
-        self.token = self._token()
-        self.last_error: str | None = None
-        self.refused: int | None = None  # a version that failed to load: not tried again until the alias moves
-        self.current: Loaded = self._first_load()
-        self.last_check = time.time()
-        self.started = self.checks = 0  # alias checks begun / the last one finished (see reload)
+        shapes = [1, s.max_batch_size]
+
+        def load(version):
+            return load_version(self.registry, version, self.device, self.model_thread, shapes, s.compile)
+
+        self.follower = Follower(self.registry, s.model, s.alias, s.version, s.poll_interval_s, load)
         self.batcher = Batcher(self._infer, s.max_batch_size, s.batch_wait_timeout_s)
+        self._last_token_error = ""
         self.requests = metrics.Counter(
-            "crossvit_requests", description="Requests by route and outcome", tag_keys=("route", "outcome")
+            "crossvit_requests",
+            description="Requests by route, outcome and the version that answered",
+            tag_keys=("route", "outcome", "version"),
         )
         self.images = metrics.Counter(
             "crossvit_images_classified", description="Images classified, by version", tag_keys=("version",)
@@ -182,121 +150,120 @@ class Classifier:
         self.batch_sizes = metrics.Histogram(
             "crossvit_batch_images", description="Images per model call", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
-        self._check_now = threading.Event()
-        self._checked = threading.Condition()
-        self.watcher = threading.Thread(target=self._follow, name="registry-watcher", daemon=True)
-        if s.version is None:
-            self.watcher.start()
+        ms = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+        self.queue_ms = metrics.Histogram(
+            "crossvit_queue_ms", description="From an image's decoding to its model call (ms)", boundaries=ms
+        )
+        self.compute_ms = metrics.Histogram(
+            "crossvit_compute_ms", description="One model call, on-device decoding included (ms)", boundaries=ms
+        )
 
-    # -- the model and the registry ---------------------------------------------------------------------
-    def _token(self) -> str | None:
-        s = self.settings
-        if s.auth_token_file:  # read once at start: a rotated secret takes effect as replicas restart
-            return Path(s.auth_token_file).read_text().strip() or None
-        return os.environ.get(s.auth_token_env) or None
-
-    def _first_load(self) -> Loaded:
-        """The version to start with: the one asked for, or the alias's. If the alias names a version that
-        does not load (a damaged upload), a new replica (autoscaling, a replacement) starts with the newest
-        earlier version of the alias's lineage that does, as the running replicas keep serving it, and says
-        why in /v1/models."""
-        s = self.settings
-        if s.version is not None:
-            return self._load(self.registry.get(s.model, s.version))
-        record, _ = self.registry.read_alias(s.model, s.alias)
-        if record is None:
-            self.registry.resolve(s.model, s.alias)  # the registry's error: no such alias
-        for number in reversed(record["lineage"]):
-            try:
-                return self._load(self.registry.get(s.model, number))
-            except Exception as e:
-                if number == record["version"]:
-                    self.last_error, self.refused = f"{type(e).__name__}: {e}", number
-                log.error("%s version %d does not load: %s", s.model, number, e)
-        raise RuntimeError(f"no version of {s.model}:{s.alias}'s lineage {record['lineage']} loads: {self.last_error}")
-
-    def _load(self, version: ModelVersion) -> Loaded:
-        """Read and check a version's weights on the caller's thread; build it and warm it up on the model
-        thread, one step at a time, so that the served version's batches run in between."""
-        data = self.registry.read_weights(version)
-        model = self.model_thread.submit(self.registry.load, version, self.device, data).result()
-        if self.settings.compile:
-            model = torch.compile(model)  # compiles at the first call: the warm-ups below
-        loaded = Loaded(version, model, self.device)
-        for n in sorted({1, self.settings.max_batch_size}):  # both shapes, allocated before serving
-            self.model_thread.submit(loaded.forward, np.zeros((n, loaded.size, loaded.size, 3), np.uint8)).result()
-        return loaded
-
-    def _follow(self) -> None:
-        """Poll the alias; load a new version beside the served one and swap it in when it is ready."""
-        s = self.settings
-        while True:
-            forced = self._check_now.wait(s.poll_interval_s)
-            self._check_now.clear()
-            with self._checked:
-                self.started += 1
-                mine = self.started
-            try:
-                record, _ = self.registry.read_alias(s.model, s.alias)
-                number = record["version"] if record else self.current.version.number
-                if number != self.current.version.number and (number != self.refused or forced):
-                    log.warning("%s:%s moved to version %d: loading", s.model, s.alias, number)
-                    self.current = self._load(self.registry.get(s.model, number))  # one assignment: old or new
-                    log.warning("now serving %s version %d", s.model, number)
-                if number != self.refused:
-                    self.last_error, self.refused = None, None
-            except Exception as e:  # a version that fails to load or its checksum: refused, the old one serves
-                self.last_error, self.refused = f"{type(e).__name__}: {e}", number
-                log.error("not switching: %s (still serving version %d)", self.last_error, self.current.version.number)
-            with self._checked:
-                self.last_check, self.checks = time.time(), mine
-                self._checked.notify_all()
-
+    # -- the model --------------------------------------------------------------------------------------
     def check_health(self) -> None:
-        """Serve's health check: a live watcher when following an alias, and a live batcher."""
-        if self.settings.version is None and not self.watcher.is_alive():
+        """Serve's health check: a live registry watcher (when following an alias) and a live batcher. An
+        unreadable registry is not a reason to restart a replica (it serves what it holds): readiness and
+        the status say so instead."""
+        if not self.follower.alive:
             raise RuntimeError("the registry watcher died")
         if self.batcher.failure:
             raise RuntimeError(f"the batcher failed: {self.batcher.failure}")
 
-    async def _infer(self, items: list[tuple[np.ndarray, Loaded]]) -> list[tuple[np.ndarray, int]]:
-        """(probabilities, images in the model call) per request: one call per version in the batch (a swap
-        between requests may mix two)."""
-        out: list = [None] * len(items)
-        for loaded in {id(v): v for _, v in items}.values():
-            index = [i for i, (_, v) in enumerate(items) if v is loaded]
-            images = np.stack([items[i][0] for i in index])
-            probs = await asyncio.get_running_loop().run_in_executor(self.model_thread, loaded.forward, images)
-            for i, p in zip(index, probs):
-                out[i] = (p, len(index))
-            self.images.inc(len(index), tags={"version": str(loaded.version.number)})
-            self.batch_sizes.observe(len(index))
+    def _forward(self, loaded: Loaded, payloads: list) -> list:
+        """On the model thread: decoded images (uint8 HWC arrays) and JPEGs for the device (encoded bytes) ->
+        per image, its probabilities or the ClientError that answers it."""
+        out: list = [None] * len(payloads)
+        tensors = {i: torch.from_numpy(p) for i, p in enumerate(payloads) if isinstance(p, np.ndarray)}
+        on_device = [i for i, p in enumerate(payloads) if not isinstance(p, np.ndarray)]  # encoded JPEGs
+        if on_device:
+            jpegs = [payloads[i] for i in on_device]
+            decoded = images.decode_batch_on_device(jpegs, loaded.size, loaded.device, self.settings.max_pixels)
+            for i, img in zip(on_device, decoded):
+                if isinstance(img, ClientError):
+                    out[i] = img
+                else:
+                    tensors[i] = img
+        if tensors:
+            order = sorted(tensors)
+            probs = loaded.forward(torch.stack([tensors[i].to(loaded.device) for i in order])).numpy()
+            for i, p in zip(order, probs):
+                out[i] = p
         return out
 
-    # -- request handling ---------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self.token.encode()):
-            raise ClientError(401, "a bearer token is required (Authorization: Bearer <token>)")
+    async def _infer(self, items: list[tuple[object, Loaded, float]]) -> list:
+        """The batcher's function: (probabilities or ClientError, images in the model call) per request,
+        one model call per version in the batch (a swap between requests may mix two)."""
+        out: list = [None] * len(items)
+        loop = asyncio.get_running_loop()
+        for loaded in {id(v): v for _, v, _ in items}.values():
+            index = [i for i, (_, v, _) in enumerate(items) if v is loaded]
+            start = time.perf_counter()
+            for i in index:
+                self.queue_ms.observe(1000 * (start - items[i][2]))
+            results = await loop.run_in_executor(self.model_thread, self._forward, loaded, [items[i][0] for i in index])
+            self.compute_ms.observe(1000 * (time.perf_counter() - start))
+            for i, result in zip(index, results):
+                out[i] = (result, len(index))
+            classified = sum(not isinstance(r, ClientError) for r in results)
+            if classified:  # Ray's counters take positive increments only
+                self.images.inc(classified, tags={"version": str(loaded.version.number)})
+                self.batch_sizes.observe(classified)
+        return out
 
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the limit (Content-Length or not)."""
+    async def _probabilities(self, loaded: Loaded, data: bytes | np.ndarray) -> tuple[np.ndarray, int]:
+        """One image (encoded bytes, or decoded uint8 HWC pixels) through ``loaded``: its probabilities and
+        the number of images in the model call that answered it."""
+        s, loop = self.settings, asyncio.get_running_loop()
+
+        def prepare_here():
+            if isinstance(data, np.ndarray):
+                return eval_transform_array(data, loaded.size)
+            if s.decode_on_device and images.for_device(data, s.max_pixels):
+                return data  # checked on the CPU, decoded with the batch on the device
+            return images.decode(data, loaded.size, s.max_pixels)
+
+        decoding = loop.run_in_executor(self.decode_pool, prepare_here)
+
+        async def prepare() -> tuple[object, Loaded, float]:
+            return await decoding, loaded, time.perf_counter()
+
+        result, batch = await self.batcher.submit(prepare())
+        if isinstance(result, ClientError):
+            raise result
+        return result, batch
+
+    # -- request handling ---------------------------------------------------------------------------------
+    def _authorize(self, request: Request, token: Token, admin: bool = False) -> None:
+        if not token.configured:
+            if admin:
+                raise ClientError(
+                    403, f"administration is off: configure an admin token ({token.env} or admin_token_file)"
+                )
+            return
+        try:
+            allowed = token.check(request.headers.get("authorization", ""))
+        except TokenError as e:  # a rotated secret left empty: nobody is admitted until it holds a token
+            if str(e) != self._last_token_error:  # once per new problem, not once per request
+                log.error("%s", e)
+                self._last_token_error = str(e)
+            raise ClientError(503, f"the {token.what} token is not usable; the operators are told why") from None
+        if not allowed:
+            raise ClientError(401, f"a bearer token is required (Authorization: Bearer <{token.what} token>)")
+
+    async def _body(self, request: Request) -> bytearray:
+        """The body, refused with 413 as soon as it passes the limit (Content-Length or not); gathered in one
+        buffer (no list of chunks and a joined copy beside it)."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ClientError(413, f"body of {int(declared):,} bytes is over the {limit:,} allowed")
-        chunks, size = [], 0
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise ClientError(413, f"body is over the {limit:,} bytes allowed")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body += chunk
+        return body
 
-    async def _images(self, request: Request, many: bool) -> list[bytes]:
+    async def _images(self, request: Request, many: bool) -> list[bytes | bytearray]:
         """The image bytes of a request: the raw body, or the ``image`` fields of a multipart form."""
         body = await self._body(request)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -305,7 +272,7 @@ class Classifier:
             return [body]
 
         async def replay() -> dict:  # the form parser reads the body we already hold
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         limit = self.settings.max_batch_images if many else 1
         try:
@@ -320,29 +287,8 @@ class Classifier:
         finally:
             await form.close()  # the parts' spooled temporary files
 
-    def _preprocess(self, data: bytes, size: int) -> np.ndarray:
-        if not data:
-            raise ClientError(400, "empty body: send an image")
-        try:
-            with open_image(data, self.settings.max_pixels) as probe:
-                if probe.format not in FORMATS:
-                    raise ClientError(415, f"{probe.format} images are not accepted: send jpg, png or webp")
-            return eval_transform(data, size, self.settings.max_pixels)
-        except ImageTooLargeError as e:
-            raise ClientError(413, f"image too large: {e}") from None
-        except UnidentifiedImageError:
-            raise ClientError(400, "the body is not an image (jpg, png or webp)") from None
-        except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for damaged data
-            raise ClientError(400, f"the image cannot be decoded: {e}") from None
-
-    async def _classify(self, data: bytes, top_k: int) -> dict:
-        loaded = self.current
-        decoding = asyncio.get_running_loop().run_in_executor(self.decode_pool, self._preprocess, data, loaded.size)
-
-        async def prepare() -> tuple[np.ndarray, Loaded]:
-            return await decoding, loaded
-
-        probs, batch = await self.batcher.submit(prepare())
+    async def _classify(self, loaded: Loaded, data: bytes, top_k: int) -> dict:
+        probs, batch = await self._probabilities(loaded, data)
         top = np.argsort(-probs)[:top_k]
         return {
             "model": loaded.version.model,
@@ -353,97 +299,209 @@ class Classifier:
             "batch": batch,  # images in the model call that answered this one (dynamic batching)
         }
 
-    def _top_k(self, top_k: int | None) -> int:
-        classes = len(self.current.names)
+    @staticmethod
+    def _top_k(top_k: int | None, loaded: Loaded) -> int:
+        classes = len(loaded.names)
         if top_k is None:
             return min(5, classes)
         if not 1 <= top_k <= classes:
             raise ClientError(400, f"top_k must be within 1..{classes}")
         return top_k
 
-    async def _handle(self, route: str, request: Request, work) -> JSONResponse:
-        """Run a route's work: its answer as JSON, a ClientError as its 4xx, anything else as a JSON 500
-        (counted and logged; the replica stays up)."""
-        start = time.perf_counter()
+    async def _handle(self, route: str, request: Request, work, token: Token | None = None) -> Response:
+        """Run a route's work after its authorization (the classification token unless another is named):
+        ``work(loaded)`` returns the answer (a dict for JSON, or a Response) for the version captured at the
+        start, which is the version the log line and the counters name. A ClientError is its 4xx, anything
+        else a JSON 500 (counted and logged; the replica stays up); a request cancelled by its client is
+        counted and logged as such."""
+        start, loaded = time.perf_counter(), self.follower.current
         try:
-            self._authorize(request)
-            response = JSONResponse(_finite(await work()))
+            self._authorize(request, token or self.token, admin=token is self.admin_token)
+            answer = await work(loaded)
+            response = answer if isinstance(answer, Response) else JSONResponse(_finite(answer))
             outcome = "ok"
         except ClientError as e:
             headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
-            response, outcome = error(e.status, str(e), **headers), f"client_error_{e.status}"
+            kind = "client_error" if e.status < 500 else "unavailable"  # 503: a token file emptied; 504: reload
+            response, outcome = error(e.status, str(e), **headers), f"{kind}_{e.status}"
         except ClientDisconnect:
             response, outcome = error(400, "the client went away before the body arrived"), "client_gone"
+        except asyncio.CancelledError:  # the client went away while it waited: nobody reads an answer
+            self._record(route, "cancelled", 499, loaded, request, start)
+            raise
         except Exception as e:
             log.exception("%s failed", route)
             response, outcome = error(500, f"internal error: {type(e).__name__}"), "server_error"
-        self.requests.inc(tags={"route": route, "outcome": outcome})
-        log.log(
-            self.log_level,
-            "%s %s %d version=%d %.1f ms",
-            route, outcome, response.status_code, self.current.version.number, 1000 * (time.perf_counter() - start),
-        )  # fmt: skip
+        self._record(route, outcome, response.status_code, loaded, request, start)
         return response
 
-    @app.post("/v1/classify")
+    def _record(self, route: str, outcome: str, status: int, loaded: Loaded, request: Request, start: float) -> None:
+        """The request's counter and its log line (499: nginx's code for a client that closed the request)."""
+        version = str(loaded.version.number)
+        self.requests.inc(tags={"route": route, "outcome": outcome, "version": version})
+        log.log(self.log_level, "%s %s %d version=%s request_id=%s %.1f ms", route, outcome, status, version,
+                _request_id(request), 1000 * (time.perf_counter() - start))  # fmt: skip
+
+    # -- /v1 -------------------------------------------------------------------------------------------------
+    @app.post("/v1/classify", summary="Classify one image", openapi_extra=ONE_IMAGE)
     async def classify(self, request: Request, top_k: int | None = Query(None)) -> JSONResponse:
-        async def work() -> dict:
-            k = self._top_k(top_k)
+        async def work(loaded: Loaded) -> dict:
+            k = self._top_k(top_k, loaded)
             (data,) = await self._images(request, many=False)
-            return await self._classify(data, k)
+            return await self._classify(loaded, data, k)
 
         return await self._handle("classify", request, work)
 
-    @app.post("/v1/classify/batch")
+    @app.post("/v1/classify/batch", summary="Classify the 'image' fields of a form", openapi_extra=IMAGE_FORM)
     async def classify_batch(self, request: Request, top_k: int | None = Query(None)) -> JSONResponse:
-        async def one(data: bytes, k: int) -> dict:
+        async def one(loaded: Loaded, data: bytes, k: int) -> dict:
             try:
-                return await self._classify(data, k)
+                return await self._classify(loaded, data, k)
             except ClientError as e:
                 return {"error": str(e), "status": e.status}
 
-        async def work() -> dict:
-            k = self._top_k(top_k)
-            images = await self._images(request, many=True)
-            return {"results": list(await asyncio.gather(*(one(d, k) for d in images)))}
+        async def work(loaded: Loaded) -> dict:
+            k = self._top_k(top_k, loaded)
+            found = await self._images(request, many=True)
+            return {"results": list(await asyncio.gather(*(one(loaded, d, k) for d in found)))}
 
         return await self._handle("classify_batch", request, work)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", summary="What is served: the model, its version, classes and preprocessing")
     async def models(self, request: Request) -> JSONResponse:
-        async def work() -> dict:
-            s = self.settings
-            return {
-                **self.current.version.describe(),
-                "alias": None if s.version is not None else s.alias,
-                "registry_error": self.last_error,  # why the alias's version is not served, if it is not
-                "last_check": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_check)),
-                "settings": {k: v for k, v in asdict(s).items() if "token" not in k},
-            }
+        async def work(loaded: Loaded) -> dict:
+            return loaded.version.describe()
 
         return await self._handle("models", request, work)
 
-    @app.post("/v1/admin/reload")
+    @app.get("/healthz", summary="Liveness, and whether the registry could be read at the last check")
+    async def healthz(self) -> dict:
+        state = self.follower.status()
+        return {
+            "status": "ok" if state.registry_error is None else "degraded",
+            "registry": "readable" if state.registry_error is None else "unreadable",
+            "model": self.settings.model,
+            "version": self.follower.current.version.number,
+        }
+
+    # -- administration --------------------------------------------------------------------------------------
+    @app.get("/v1/admin/status", include_in_schema=False)
+    async def admin_status(self, request: Request) -> JSONResponse:
+        async def work(loaded: Loaded) -> dict:
+            s, state = self.settings, self.follower.status()
+            return {
+                **loaded.version.describe(),
+                "source": loaded.version.source(),  # storage URIs: operators only
+                "registry": s.registry,
+                "alias": None if s.version is not None else s.alias,
+                "alias_version": state.alias_version,
+                "refused_version": state.refused,
+                "load_error": state.load_error,  # why the alias's version is not served, if it is not
+                "registry_error": state.registry_error,  # why the last check could not read the registry
+                "last_check": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.last_check)),
+                "settings": {k: v for k, v in asdict(s).items() if "token" not in k},
+            }
+
+        return await self._handle("admin_status", request, work, token=self.admin_token)
+
+    @app.post("/v1/admin/reload", include_in_schema=False)
     async def reload(self, request: Request) -> JSONResponse:
-        async def work() -> dict:
+        async def work(loaded: Loaded) -> dict:
             if self.settings.version is not None:
                 raise ClientError(409, "this application serves a pinned version and follows no alias")
-            with self._checked:
-                wanted = self.started + 1  # a check that begins after this request, not one under way
-            self._check_now.set()
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(None, self.follower.check_now, RELOAD_TIMEOUT_S):
+                raise ClientError(504, f"the alias check did not end within {RELOAD_TIMEOUT_S:g} s; it goes on")
+            state = self.follower.status()
+            return {"version": self.follower.current.version.number, "load_error": state.load_error,
+                    "registry_error": state.registry_error}  # fmt: skip
 
-            def wait() -> None:
-                with self._checked:
-                    self._checked.wait_for(lambda: self.checks >= wanted, timeout=300)
+        return await self._handle("reload", request, work, token=self.admin_token)
 
-            await asyncio.get_running_loop().run_in_executor(None, wait)
-            return {"version": self.current.version.number, "registry_error": self.last_error}
+    # -- /v2: the Open Inference Protocol -----------------------------------------------------------------
+    @app.get("/v2", summary="OIP server metadata")
+    async def server_metadata(self) -> dict:
+        return {
+            "name": "crossvit-ray",
+            "version": package_version("crossvit-ray"),
+            "extensions": ["binary_tensor_data"],
+        }
 
-        return await self._handle("reload", request, work)
+    @app.get("/v2/health/live", summary="OIP liveness")
+    async def live(self) -> dict:
+        return {"live": True}
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.settings.model, "version": self.current.version.number}
+    @app.get("/v2/health/ready", summary="OIP readiness: a version is loaded and the registry could be read")
+    async def ready(self) -> JSONResponse:
+        problem = self.follower.status().registry_error
+        return JSONResponse({"ready": problem is None}, status_code=200 if problem is None else 503)
+
+    def _served(self, loaded: Loaded, name: str, version: str | None) -> None:
+        if name != self.settings.model:
+            raise ClientError(404, f"no model {name!r} here: this application serves {self.settings.model!r}")
+        if version is not None and version != str(loaded.version.number):
+            raise ClientError(404, f"version {version} of {name} is not served here; served: [{loaded.version.number}]")
+
+    @app.get("/v2/models/{name}", summary="OIP model metadata")
+    @app.get("/v2/models/{name}/versions/{version}", summary="OIP model metadata of a version")
+    async def model_metadata(self, request: Request, name: str, version: str | None = None) -> JSONResponse:
+        async def work(loaded: Loaded) -> dict:
+            self._served(loaded, name, version)
+            return {
+                "name": name,
+                "versions": [str(loaded.version.number)],
+                "platform": "pytorch",
+                "inputs": [{"name": oip.INPUT, "datatype": "BYTES", "shape": [-1]}],  # or UINT8 [-1, -1, -1, 3]
+                "outputs": [
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(loaded.names)]},
+                    {"name": "classes", "datatype": "BYTES", "shape": [-1, -1]},
+                ],
+            }
+
+        return await self._handle("v2_metadata", request, work)
+
+    @app.get("/v2/models/{name}/ready", summary="OIP model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="OIP model readiness of a version")
+    async def model_ready(self, request: Request, name: str, version: str | None = None) -> JSONResponse:
+        async def work(loaded: Loaded) -> dict:
+            self._served(loaded, name, version)
+            return {"name": name, "ready": True}
+
+        return await self._handle("v2_ready", request, work)
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        summary="OIP inference (JSON, or the binary tensor data extension)",
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}},
+                                                   "application/octet-stream": {"schema": _FILE}}}},
+    )  # fmt: skip
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="OIP inference on a version")
+    async def infer(self, request: Request, name: str, version: str | None = None) -> Response:
+        async def work(loaded: Loaded) -> Response:
+            s = self.settings
+            self._served(loaded, name, version)
+            body = await self._body(request)
+            length = request.headers.get(oip.HEADER)
+            parse = functools.partial(oip.parse_request, body, length, s.max_batch_images)
+            json_bytes = int(length) if length and length.isdigit() else len(body)
+            if json_bytes > INLINE_JSON_BYTES:  # a large JSON (pixels as numbers): parsed off the event loop
+                parsed = await asyncio.get_running_loop().run_in_executor(self.decode_pool, parse)
+            else:  # the binary extension's small header: a hop to a thread would cost more than parsing
+                parsed = parse()
+            k = self._top_k(parsed.top_k, loaded)
+            elements = parsed.images if parsed.images is not None else list(parsed.pixels)
+            answers = await asyncio.gather(*(self._probabilities(loaded, e) for e in elements), return_exceptions=True)
+            for i, answer in enumerate(answers):
+                if isinstance(answer, ClientError):
+                    raise ClientError(answer.status, f"image {i}: {answer}")
+                if isinstance(answer, BaseException):
+                    raise answer
+            probs = np.stack([p for p, _ in answers])
+            classes = [[loaded.names[j] for j in np.argsort(-p)[:k]] for p in probs]
+            content, headers = oip.encode_response(name, loaded.version.number, parsed, probs, classes)
+            return Response(content, headers=headers)
+
+        return await self._handle("v2_infer", request, work)
 
 
 def build(args: dict) -> serve.Application:

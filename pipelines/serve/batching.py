@@ -25,9 +25,8 @@ class Batcher:
     ``wait_s`` after its first item arrived: a lone request goes at once, and when the model was busy for
     longer than ``wait_s``, whatever queued goes at once. An exception in ``run`` fails that batch's requests
     only; a request cancelled while queued (its client went away) is dropped from its batch. Should the
-    batching loop itself end with an error, the queued requests fail with it, ``failure`` says why (the
-    replica's health check reports it, and Serve replaces the replica), and the next request starts a new
-    loop.
+    batching loop itself end with an error, the queued requests fail with it and ``failure`` says why until
+    the next request starts a new loop (the replica's health check reports it meanwhile).
     """
 
     def __init__(self, run: Callable[[list], Awaitable[list]], max_size: int, wait_s: float):
@@ -42,19 +41,28 @@ class Batcher:
 
     async def submit(self, prepare: Awaitable) -> Any:
         loop = asyncio.get_running_loop()
-        if self._worker is None:  # created on the loop that serves requests (Serve may run user code on its own)
-            self._queue, self._arrival = asyncio.Queue(), asyncio.Event()
-            self._worker = loop.create_task(self._serve())
-            self._worker.add_done_callback(self._ended)
+        self._running(loop)
         self._preparing += 1
         try:
             item = await prepare
         finally:
             self._preparing -= 1
             self._arrival.set()  # an item, or one fewer to wait for
+        # Again: the loop may have ended while this request prepared, and its queue with it. No await from
+        # here to put_nowait, so the loop this finds is the one that gets the item.
+        self._running(loop)
         future = loop.create_future()
         self._queue.put_nowait((loop.time(), item, future))
         return await future
+
+    def _running(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the batching loop if none runs: on the loop that serves requests (Serve may run user code on
+        a loop of its own), and again after one ended."""
+        if self._worker is None:
+            self._queue, self._arrival = asyncio.Queue(), asyncio.Event()
+            self._worker = loop.create_task(self._serve())
+            self._worker.add_done_callback(self._ended)
+            self.failure = None  # a new loop runs: the replica is healthy again
 
     async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
         loop = asyncio.get_running_loop()

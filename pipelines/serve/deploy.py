@@ -13,7 +13,8 @@ import yaml
 from ray import serve
 
 from pipelines.cluster import ResourcePlanError, connect
-from pipelines.serve.app import Classifier, ServeSettings
+from pipelines.serve.app import Classifier
+from pipelines.serve.settings import ServeSettings
 
 
 def load_serve_config(path: str | Path) -> dict:
