@@ -101,7 +101,7 @@ def oip_request(image: bytes, model: str = "bench") -> tuple[str, bytes, dict]:
 def load(url: str, bodies: list[bytes], clients: int, seconds: float, oip: bool = False) -> dict:
     """Closed-loop load: ``clients`` threads, each sending its next request when the last is answered (to
     /v1/classify, or with ``oip`` to the OIP infer route in the binary extension)."""
-    requests_ = [oip_request(b) if oip else ("/v1/classify", b, {}) for b in bodies]
+    calls = [oip_request(b) if oip else ("/v1/classify", b, {}) for b in bodies]
     latencies: list[float] = []
     errors: list[str] = []
     batches: list[int] = []  # images in the model call that answered each request
@@ -113,7 +113,7 @@ def load(url: str, bodies: list[bytes], clients: int, seconds: float, oip: bool 
         while time.monotonic() < stop:
             start = time.perf_counter()
             try:
-                route, body, headers = requests_[i % len(requests_)]
+                route, body, headers = calls[i % len(calls)]
                 r = session.post(f"{url}{route}", data=body, headers=headers, timeout=120)
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - start)

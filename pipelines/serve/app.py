@@ -101,11 +101,9 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 def _request_id(request: Request) -> str:
-    """Serve's id of this request: the client's X-Request-ID if it sent one (also the response's header)."""
-    try:
-        return serve.context._get_serve_request_context().request_id or request.headers.get("x-request-id", "-")
-    except Exception:  # outside a replica (unit tests)
-        return request.headers.get("x-request-id", "-")
+    """Serve's id of this request: its middleware puts it in the request's X-Request-ID header (the client's
+    own, if it sent one) and in the response's; no need for Serve's private request context."""
+    return request.headers.get("x-request-id", "-")
 
 
 @serve.deployment(name="Classifier")
