@@ -11,12 +11,21 @@ every side, in one run:
     python -m benchmarks.ingest --images 2000 --rounds 3
 
 Prints images/s of each (median over rounds), (c)/(b) and (c)/(a'); the goals are >= 1.0 and >= 0.8.
+
+    python -m benchmarks.ingest --storage s3-profile --images 2000 --rounds 3
+
+runs (c) alone with the shards in object storage: moto's server behind the storage proxy
+(pipelines/storage_proxy.py), at its S3 profile (30 ms to a response's first byte, 90 MB/s per connection:
+our assumption from published measurements of S3 Standard) and at its loopback profile, alternately in each
+round, the proxy's own CPU on the same cores both times. Prints the images/s of both (median), S3/loopback
+(goal >= 0.9), and the GETs per shard against the budget ceil(MB / 8) + 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing
 import os
 import statistics
@@ -32,6 +41,7 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms as T
 
+from pipelines import storage
 from pipelines.cluster import connect
 from pipelines.data.augment import (
     DEIT_RAND_AUGMENT,
@@ -45,6 +55,7 @@ from pipelines.data.bad_samples import bad_sample_counter
 from pipelines.data.ingest import read_split
 from pipelines.data.prepare import prepare
 from pipelines.data.sample import SampleSpec, write_sample_dataset
+from pipelines.storage_proxy import LOOPBACK, S3, proxied_local_s3
 
 
 def make_shards(root: Path, images: int) -> Path:
@@ -130,7 +141,7 @@ def webdataset_loader(shards: Path, size: int, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def ray_pipeline(shards: Path, size: int, batch: int, counter) -> float:
+def ray_pipeline(shards: Path | str, size: int, batch: int, counter) -> float:
     """(c): our read_split, consumed as torch batches."""
     ds = read_split(str(shards), "train", image_size=size, train=True, counter=counter)
     n = 0
@@ -140,6 +151,41 @@ def ray_pipeline(shards: Path, size: int, batch: int, counter) -> float:
     return n / (time.perf_counter() - start)
 
 
+def through_object_storage(shards: Path, args: argparse.Namespace) -> None:
+    """(c) with the shards in object storage, at the proxy's S3 and loopback profiles alternately."""
+    with proxied_local_s3() as proxy:  # before Ray starts: its workers inherit AWS_ENDPOINT_URL
+        uri = "s3://bench/shards"
+        storage.ensure_bucket(uri)
+        files = [p for p in sorted(shards.rglob("*")) if p.is_file()]
+        for path in files:
+            storage.upload_file(path, storage.join(uri, str(path.relative_to(shards))))
+        tars = sorted((shards / "train").glob("*.tar"))  # what (c) reads
+        budget = sum(math.ceil(p.stat().st_size / 2**20 / 8) + 2 for p in tars)
+        connect(include_dashboard=False, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        counter = bad_sample_counter()
+        ray_pipeline(uri, args.size, args.batch, counter)  # warm the workers up
+        rates: dict[str, list[float]] = {"loopback": [], "s3": []}
+        gets: dict[str, list[int]] = {"loopback": [], "s3": []}
+        for r in range(args.rounds):
+            for profile in (LOOPBACK, S3) if r % 2 == 0 else (S3, LOOPBACK):
+                proxy.profile = profile
+                proxy.reset_counts()
+                rates[profile.name].append(ray_pipeline(uri, args.size, args.batch, counter))
+                gets[profile.name].append(proxy.gets(".tar"))
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f} img/s ({gets[k][-1]} GETs)" for k, v in rates.items()),
+                  flush=True)  # fmt: skip
+        loop, s3 = statistics.median(rates["loopback"]), statistics.median(rates["s3"])
+        per_round = statistics.median(s / lo for s, lo in zip(rates["s3"], rates["loopback"]))
+        mb = sum(p.stat().st_size for p in tars) / 2**20 / len(tars)
+        print(f"{len(tars)} shards of {mb:.1f} MB on average, {os.cpu_count()} cores, output {args.size}px")
+        print(f"(c) through the proxy, loopback profile: {loop:8.1f} img/s")
+        print(f"(c) through the proxy, S3 profile:       {s3:8.1f} img/s")
+        print(f"S3/loopback = {s3 / loop:.2f} (medians), {per_round:.2f} (median of the rounds' ratios; goal >= 0.9)")
+        print(f"GETs per epoch: {max(gets['s3'])} for {len(tars)} "
+              f"shards, {max(gets['s3']) / len(tars):.2f} per shard (budget {budget} in all)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=4000)
@@ -147,11 +193,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workdir", default=None, help="where to write the images and shards (default: a temp dir)")
+    p.add_argument("--storage", choices=("local", "s3-profile"), default="local",
+                   help="s3-profile: (c) alone, from object storage at the S3 profile against loopback")  # fmt: skip
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         shards = make_shards(root, args.images)
+        if args.storage == "s3-profile":
+            return through_object_storage(shards, args)
         data = jpeg_bytes(shards)
         mean_kb = sum(map(len, data)) / len(data) / 1024
         w, h = Image.open(io.BytesIO(data[0])).size

@@ -23,6 +23,15 @@ Raw: the same model in this process, batches of --batch-size on decoded tensors,
 the jobs (this machine's speed drifts) and the median of all rounds taken: on CPU fp32 with every core
 (benchmarks.serve.raw_rates), on CUDA bf16 autocast on normalised channels_last tensors already on the GPU,
 as the labeling actor runs it. Goal: steady-state >= 0.85 raw (decoding hidden behind inference).
+
+    python -m benchmarks.label --storage s3-profile          # the same jobs, inputs in object storage
+
+puts the --large JPEGs in object storage (moto's server behind the storage proxy, pipelines/storage_proxy.py),
+as files and packed into WebDataset shards of about 16 MB, and labels each at the proxy's S3 profile (30 ms
+to a response's first byte, 90 MB/s per connection: our assumption from published measurements of S3
+Standard) and at its loopback profile, alternately, --repeats times: the proxy's own CPU on the same cores
+both times. Prints the jobs' wall times (start-up included), S3/loopback for files and shards (goal >= 0.9)
+and the GETs per shard against the budget ceil(MB / 8) + 2; no raw comparison.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import logging
 import math
 import os
 import statistics
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +62,7 @@ from pipelines.data.sample import draw_sample
 from pipelines.label.inputs import IMAGES_PER_TASK
 from pipelines.label.job import LabelConfig, LabelResult, label
 from pipelines.preprocess import normalize
+from pipelines.storage_proxy import LOOPBACK, S3, proxied_local_s3
 
 GOAL = 0.85
 
@@ -104,6 +115,66 @@ def run_job(lst: str, images: int, out: str, registry: str, args: argparse.Names
     return result.seconds
 
 
+def write_shards(root: str, images: list[str], shard_bytes: int = 16 * 2**20) -> tuple[str, list[int]]:
+    """The images packed into WebDataset shards of about ``shard_bytes`` under ``root``/shards: their brace
+    pattern and sizes."""
+    groups: list[list[tuple[int, bytes]]] = [[]]
+    for i, uri in enumerate(images):
+        if sum(len(d) for _, d in groups[-1]) >= shard_bytes:
+            groups.append([])
+        groups[-1].append((i, storage.read_bytes(uri)))
+    sizes = []
+    for n, group in enumerate(groups):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, data in group:
+                info = tarfile.TarInfo(f"{i:06d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        storage.write_bytes(storage.join(root, "shards", f"shard-{n:06d}.tar"), buf.getvalue())
+        sizes.append(buf.tell())
+    return storage.join(root, "shards", f"shard-{{000000..{len(groups) - 1:06d}}}.tar"), sizes
+
+
+def through_object_storage(args: argparse.Namespace, config: crossvit.CrossViTConfig, tmp: str) -> None:
+    """The labeling job over files and over shards in object storage, at the proxy's S3 and loopback
+    profiles alternately: wall times, their ratio, and GETs per shard."""
+    with proxied_local_s3() as proxy:  # before Ray starts: its workers inherit AWS_ENDPOINT_URL
+        root = "s3://bench-label"
+        storage.ensure_bucket(root)
+        _, files = write_inputs(root, args.small, args.large)
+        pattern, sizes = write_shards(root, storage.read_bytes(files).decode().split())
+        budget = sum(math.ceil(b / 2**20 / 8) + 2 for b in sizes)
+        register(f"{tmp}/registry", config)
+        connect()
+        runs = itertools.count()
+        run_job(files, args.large, f"{tmp}/out/{next(runs)}", f"{tmp}/registry", args)  # warm the workers up
+        seconds: dict[tuple[str, str], list[float]] = {}
+        gets: list[int] = []
+        for r in range(args.repeats):
+            for profile in (LOOPBACK, S3) if r % 2 == 0 else (S3, LOOPBACK):
+                proxy.profile = profile
+                for kind, input_ in (("files", files), ("shards", pattern)):
+                    print(f"repeat {r + 1}, {profile.name} profile, {kind}:", flush=True)
+                    proxy.reset_counts()
+                    took = run_job(input_, args.large, f"{tmp}/out/{next(runs)}", f"{tmp}/registry", args)
+                    seconds.setdefault((kind, profile.name), []).append(took)
+                    if kind == "shards":
+                        gets.append(proxy.gets(".tar"))
+        ray.shutdown()
+    print()
+    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, {args.large} 500x375 JPEGs as files "
+          f"and as {len(sizes)} shards of {sum(sizes) / len(sizes) / 2**20:.1f} MB on average")  # fmt: skip
+    for kind in ("files", "shards"):
+        loop, s3 = (statistics.median(seconds[(kind, p)]) for p in ("loopback", "s3"))
+        per_repeat = statistics.median(lo / s for lo, s in zip(seconds[(kind, "loopback")], seconds[(kind, "s3")]))
+        print(f"{kind:6s}: loopback {loop:6.1f} s ({args.large / loop:5.1f} img/s), S3 {s3:6.1f} s "
+              f"({args.large / s3:5.1f} img/s): S3/loopback = {loop / s3:.2f} (medians), {per_repeat:.2f} (median "
+              "of the repeats' ratios; goal >= 0.9)")  # fmt: skip
+    print(f"GETs per run over the shards: {max(gets)} for {len(sizes)} shards, {max(gets) / len(sizes):.2f} per "
+          f"shard (budget {budget} in all)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="crossvit_tiny_240", help="a variant name, or 'sample'")
@@ -114,6 +185,8 @@ def main() -> None:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="pairs of small and large runs")
     p.add_argument("--input-root", help="where to write the JPEGs (a folder or s3:// prefix; default: temporary)")
+    p.add_argument("--storage", choices=("local", "s3-profile"), default="local",
+                   help="s3-profile: inputs in object storage, S3 profile against loopback")  # fmt: skip
     args = p.parse_args()
     if not 0 < args.small < args.large or args.repeats < 1 or args.batch_size < 1:
         p.error("need 0 < --small < --large, --repeats >= 1 and --batch-size >= 1")
@@ -129,6 +202,9 @@ def main() -> None:
     logging.getLogger("pipelines.label").setLevel(logging.INFO)  # the job's CPU plan
     config = model_config(args.model)
 
+    if args.storage == "s3-profile":
+        with tempfile.TemporaryDirectory() as tmp:
+            return through_object_storage(args, config, tmp)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         small_list, large_list = write_inputs(args.input_root or f"{tmp}/inputs", args.small, args.large)

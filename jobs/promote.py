@@ -17,7 +17,6 @@ import argparse
 import sys
 
 from pipelines.registry.store import Registry, RegistryError
-from pipelines.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             source = version.meta["source"]["checkpoint"]
             print(f"registered {args.model} version {version.number} (top-1 {version.top1:.2f}) from {source}")
             print(f"{args.model}:{args.alias} -> version {record['version']} (was {record['previous']})")
-    except (RegistryError, StorageError, ValueError, FileNotFoundError) as e:  # ValueError: WeightsMismatchError too
+    except (RegistryError, ValueError, OSError) as e:  # ValueError: WeightsMismatchError; OSError: StorageError, 403s
         print(f"promote: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bad configuration: {e}") from None
     try:
         result = fit(cfg, allow_changes=args.allow_config_change)
-    except (ValueError, FileNotFoundError) as e:  # checked before training starts: the plan, paths, resume
+    except (ValueError, OSError) as e:  # before training starts: the plan, paths, storage, resume
         raise SystemExit(f"cannot train: {e}") from None
     if result is not None:
         print(f"final metrics: {result.metrics}\nlatest checkpoint: {result.checkpoint}")

@@ -47,6 +47,10 @@ os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
 # Ray Train watches for nodes being drained (spot preemption) with an actor of its own per run: one more
 # process to start on 2 cores for every fit, and no test here drains a node.
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# botocore's adaptive retries (the product's default) slow a client down after throttling, for the rest of
+# its process: after one test's storm of 503s, every later test of the session (and of Ray's reused workers)
+# would wait on it. Standard retries back off per request only.
+os.environ["AWS_RETRY_MODE"] = "standard"
 # Serve's proxies drain for at least 30 s before they stop, so `serve.shutdown()` waited 30 s (and then gave
 # up) at the end of every module that serves; the session's Serve controller reads these where it starts.
 # (jobs that start a Ray of their own set 1 s: pipelines/cluster.py)
@@ -63,7 +67,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & {"ray_cluster", "user_env"}:  # user_env: a Ray the test starts as a user does
             item.add_marker(pytest.mark.cluster)
-        elif "s3_endpoint" in fixtures:
+        elif fixtures & {"s3_endpoint", "store"}:
             item.add_marker(pytest.mark.slow)
 
 
@@ -106,12 +110,29 @@ def _the_fast_tier_starts_no_process(request, monkeypatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """An S3-compatible endpoint (moto server) on loopback for the whole session; AWS_* variables point at it."""
-    from pipelines.local_s3 import local_s3
+def _storage_proxy():
+    """The session's object store: moto's server behind the storage proxy (pipelines/storage_proxy.py)."""
+    from pipelines.storage_proxy import proxied_local_s3
 
-    with local_s3() as endpoint:
-        yield endpoint
+    with proxied_local_s3() as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(_storage_proxy) -> str:
+    """An S3-compatible endpoint on loopback for the whole session, the AWS_* variables pointing at it: the
+    storage proxy, at the loopback profile unless a test (``store``) asks for another. Started before the
+    session's Ray cluster, whose workers inherit the variables."""
+    return _storage_proxy.url
+
+
+@pytest.fixture
+def store(_storage_proxy):
+    """The session's storage proxy for one test, which sets its profile and faults and reads its counts;
+    reset before and after."""
+    _storage_proxy.reset()
+    yield _storage_proxy
+    _storage_proxy.reset()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Batch labeling (pipelines/label/): real Ray Data on the session cluster, the loopback S3 endpoint."""
 
 import io
+import json
 import secrets
 import signal
 import subprocess
@@ -242,19 +243,55 @@ def test_beside_a_job_that_holds_cpus_the_plan_fits_what_is_free_or_is_an_error(
 
 def test_storage_that_fails_stops_the_job_with_its_error_and_the_rerun_labels_the_rest(registry, tmp_path):
     """A bucket that does not exist (as an endpoint that does not answer) is no property of one image: the
-    job stops with the storage's error and writes nothing for those inputs, and the same command labels
-    them once the storage answers. An image that is gone is only its own row's error (tested above)."""
+    job stops with the storage's error before any work starts, and the same command labels everything once
+    the storage answers. An image that is gone is only its own row's error (test_storage_faults.py)."""
     folder = noise_images(tmp_path / "images", 3)
     bucket = f"s3://label-gone-{secrets.token_hex(4)}"
     listed = tmp_path / "list.txt"
     listed.write_text("".join(f"{p}\n" for p in sorted(folder.iterdir())) + f"{bucket}/a.jpg\n")
     cfg = LabelConfig(str(listed), str(tmp_path / "labels"), ROOT, "tiny")
-    with pytest.raises(storage.StorageError, match=f"cannot read {bucket}/a.jpg"):
+    with pytest.raises(storage.StorageError, match=f"bucket {bucket[5:]} does not exist"):
         label(cfg)
     storage.ensure_bucket(bucket)
     storage.write_bytes(f"{bucket}/a.jpg", jpeg(1))
     result = label(cfg)
     assert result.rows == 4 and result.errors == 0
+
+
+def test_forbidden_missing_and_flaky_inputs_change_nothing_else(registry, store, tmp_path):
+    """32 images in an S3 folder: one forbidden (403), one gone since it was listed (404); every object's first
+    GET breaks off mid-body and 30 % of all requests are throttled (503). The job labels the 30 others as
+    a run without faults does and gives the two their own error rows; nothing fails, nothing is left out."""
+    folder = f"s3://label-test/flaky-{tmp_path.name}"
+    for i in range(32):
+        storage.write_bytes(f"{folder}/{i:02d}.jpg", jpeg(i, (64, 48)))
+    clean = {r["path"]: r for r in rows(label(LabelConfig(folder, str(tmp_path / "clean"), ROOT, "tiny")).output)}
+    bucket_and_key = folder.removeprefix("s3://")
+    store.faults.status = {f"{bucket_and_key}/00.jpg": 403, f"{bucket_and_key}/01.jpg": 404}
+    store.faults.reset_after, store.faults.slow_down = 300, 0.3
+    result = label(LabelConfig(folder, str(tmp_path / "faults"), ROOT, "tiny"))
+    got = {r["path"]: r for r in rows(result.output)}
+    assert result.rows == 32 and result.errors == 2 and set(got) == set(clean)
+    refused = {p: got[p] for p in (f"{folder}/00.jpg", f"{folder}/01.jpg")}
+    assert all(r["problem"] == "unreadable" and r["labels"] is None for r in refused.values())
+    assert "access denied" in refused[f"{folder}/00.jpg"]["error"]
+    same = ("labels", "probs", "problem", "error")
+    assert all({k: got[p][k] for k in same} == {k: clean[p][k] for k in same} for p in got if p not in refused)
+    assert store.counts["body cut"] >= 30 and store.counts["503 injected"] > 0
+
+
+def test_an_output_of_the_earlier_format_is_refused_with_how_to_start_again(tmp_path):
+    """Outputs written before rows had a ``problem`` column are not resumed into (their files would not read
+    as one data set): the message says how to start again."""
+    from pipelines.label.job import JOB_RECORD, _pin_the_job
+
+    out = tmp_path / "labels"
+    out.mkdir()
+    before = {"input": "in", "split": None, "model": "tiny", "version": 1, "top_k": 5, "embeddings": False}
+    (out / JOB_RECORD).write_text(json.dumps(before))
+    cfg = LabelConfig("in", str(out), str(tmp_path / "registry"), "tiny")
+    with pytest.raises(LabelConfigError, match=f"earlier version of this job.*delete {out} to start it again"):
+        _pin_the_job(cfg, Registry(cfg.registry), resuming=True)
 
 
 def test_tens_of_thousands_of_images_keep_the_driver_memory_flat(registry, tmp_path):

@@ -1,11 +1,17 @@
 """The model registry and promotion, on the loopback S3 endpoint and on local paths: layout, gate, rollback,
-compare-and-swap (a stale ETag, and real races), checksums, and the promote job as a user runs it."""
+compare-and-swap (a stale ETag, real races, a lost response, a lock left by a dead writer), checksums, and the
+promote job as a user runs it."""
 
 import hashlib
 import json
+import logging
+import os
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,14 @@ def root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "registry")
     request.getfixturevalue("s3_endpoint")
+    uri = f"s3://registry-test/{request.node.name.replace('[', '-').rstrip(']')}"
+    storage.ensure_bucket(uri)
+    return uri
+
+
+@pytest.fixture
+def s3_root(request, store) -> str:
+    """A registry root in S3 for a test that breaks the storage proxy (``store``)."""
     uri = f"s3://registry-test/{request.node.name.replace('[', '-').rstrip(']')}"
     storage.ensure_bucket(uri)
     return uri
@@ -129,6 +143,109 @@ def test_an_alias_moved_since_it_was_read_is_not_moved_again(runs, root, tmp_pat
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["new-alias", "existing-alias"])
+def test_an_alias_move_whose_response_was_lost_is_done_not_moved_meanwhile(runs, s3_root, store, tmp_path, first):
+    """The PUT lands but its response is lost: boto3 sends it again, and the retry meets the first attempt's
+    write (412: the ETag changed, or the new alias exists). The registry recognises its own record (its
+    write_id) and reports the move done; this is not another promotion's move."""
+    version, _ = promote(runs["a"], s3_root, "tiny", alias="staging")
+    reg = Registry(s3_root)
+    if first:
+        reg.move_alias("tiny", "production", version.number, expected=(None, None), why="first")
+    mine = reg.register("tiny", _download(version.weights_uri, tmp_path), version.meta)
+    expected = reg.read_alias("tiny", "production")
+    key = f"{s3_root.removeprefix('s3://')}/tiny/aliases/production.json"
+    store.faults.lose_response = {key: 1}
+    store.reset_counts()
+    record = reg.move_alias("tiny", "production", mine.number, expected=expected, why="test")
+    assert store.faults.lose_response == {key: 0} and store.counts["PUT"] == 2, dict(store.counts)
+    assert record["version"] == mine.number == 2
+    assert reg.read_alias("tiny", "production")[0] == record
+
+
+def test_a_claim_whose_response_was_lost_keeps_its_number(runs, s3_root, store, tmp_path):
+    """The claim of version 1 lands but its response is lost; boto3's retry meets it (412: If-None-Match).
+    The claim is recognised as this process's own: version 1, not 2 beside an orphan "uploading" 1."""
+    version, _ = promote(runs["a"], s3_root, "other")
+    key = f"{s3_root.removeprefix('s3://')}/tiny/versions/1/model.json"
+    store.faults.lose_response = {key: 1}
+    reg = Registry(s3_root)
+    mine = reg.register("tiny", _download(version.weights_uri, tmp_path), version.meta)
+    assert store.faults.lose_response == {key: 0}
+    assert mine.number == 1 and reg.version_numbers("tiny") == [1]
+    assert reg.get("tiny", 1).meta["status"] == "ready"
+
+
+def _a_pid_that_does_not_run() -> int:
+    """A process id that no process has (without starting one): above Linux's largest pid_max, 2**22."""
+    pid = 2**22 + 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    return pid
+
+
+_REPLACE_IF = storage.replace_if
+
+
+def _lock_wait_s(monkeypatch, seconds: float) -> None:
+    """The registry's writes wait ``seconds`` for a held lock (5 s by default), so that a test need not."""
+    monkeypatch.setattr(storage, "replace_if", lambda *args, **kw: _REPLACE_IF(*args, **kw, lock_wait_s=seconds))
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_recovered_at_once(runs, tmp_path, monkeypatch, caplog):
+    """A writer killed while it held a local alias's lock: the lock names its pid and this host, and that pid
+    no longer runs, so the next writer removes the lock at once (and says so). A live writer's lock, another
+    host's, or one not yet written (empty), is waited for and then named, as before."""
+    root = str(tmp_path / "registry")
+    promote(runs["c"], root, "tiny")  # v1
+    promote(runs["a"], root, "tiny")  # v2
+    reg = Registry(root)
+    lock = Path(root, "tiny", "aliases", "production.json.lock")
+    dead = _a_pid_that_does_not_run()
+    lock.write_text(f"pid {dead} on {socket.gethostname()} since 2020-01-01T00:00:00Z")
+    _lock_wait_s(monkeypatch, 60)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        assert reg.rollback("tiny", "production")["version"] == 1
+    assert time.monotonic() - start < 30  # not the 60 s a held lock would be waited for
+    assert f"{lock}: removed a lock left by pid {dead} on this host" in caplog.text
+    assert not lock.exists() and list(lock.parent.iterdir()) == [lock.parent / "production.json"]
+    _lock_wait_s(monkeypatch, 0.3)
+    # A live pid's lock, another host's (whose pids this one cannot see), one not written yet: waited for.
+    for held in (f"pid {os.getpid()} on {socket.gethostname()} since now", f"pid {dead} on elsewhere since now", ""):
+        lock.write_text(held)
+        with pytest.raises(RegistryError, match=rf"production.json.lock exists \({re.escape(held)}\) since over 0.3 s"):
+            reg.move_alias("tiny", "production", 2, expected=reg.read_alias("tiny", "production"), why="test")
+        assert lock.read_text() == held
+    assert reg.read_alias("tiny", "production")[0]["version"] == 1
+
+
+def test_a_stale_lock_taken_meanwhile_by_a_new_writer_is_left_to_it(runs, tmp_path, monkeypatch):
+    """Two writers find the same dead writer's lock: the first removes it and locks anew, and the second, about
+    to remove what it read, must not remove the new lock. It moves the lock aside, sees it is not what it
+    read, and puts it back: the new writer keeps its lock."""
+    root = str(tmp_path / "registry")
+    promote(runs["c"], root, "tiny")
+    promote(runs["a"], root, "tiny")
+    lock = Path(root, "tiny", "aliases", "production.json.lock")
+    lock.write_text(f"pid {_a_pid_that_does_not_run()} on {socket.gethostname()} since 2020-01-01T00:00:00Z")
+    new_writer = f"pid {os.getpid()} on {socket.gethostname()} since now"
+    real_rename = os.rename
+
+    def first_recoverer_wins(src, dst):  # between this writer's read of the lock and its rename
+        if Path(src) == lock and lock.read_text() != new_writer:
+            lock.unlink()
+            lock.write_text(new_writer)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", first_recoverer_wins)
+    _lock_wait_s(monkeypatch, 0.3)
+    with pytest.raises(RegistryError, match=r"production.json.lock exists \(pid"):
+        Registry(root).rollback("tiny", "production")
+    assert lock.read_text() == new_writer
+    assert sorted(p.name for p in lock.parent.iterdir()) == ["production.json", "production.json.lock"]
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["new-alias", "existing-alias"])
 def test_concurrent_promotions_each_get_a_version_and_exactly_one_alias_move_wins(runs, tmp_path, monkeypatch, first):
     """A real race on a local path: four promotions in threads, each held after reading the alias until all
     have read it, so that they all compare with the same state; then they claim version numbers and move the
@@ -178,9 +295,7 @@ def test_concurrent_promotions_each_get_a_version_and_exactly_one_alias_move_win
 def test_a_version_number_is_claimed_once_and_a_left_lock_is_named(runs, root, monkeypatch):
     """Deterministic halves of the race: a second claim of a number fails (S3: If-None-Match); on a local
     path, a lock left by a killed writer is named in the error, not taken for another promotion."""
-    # A lock is waited out for 5 s before it is named; 2 s here (the live writer below keeps it 0.3 s).
-    replace_if = storage.replace_if
-    monkeypatch.setattr(storage, "replace_if", lambda *args, **kw: replace_if(*args, **kw, lock_wait_s=2.0))
+    _lock_wait_s(monkeypatch, 2.0)  # 5 s by default; the live writer below keeps its lock 0.3 s
     claim = storage.join(root, "tiny", "versions", "7", "model.json")
     storage.create_exclusive(claim, b"{}")
     with pytest.raises(storage.PreconditionFailed):

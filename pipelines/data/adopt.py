@@ -68,12 +68,15 @@ class _HashingReader:
 def survey_shard(uri: str) -> dict:
     """Stream one shard: its samples, labels (the distinct ones), bytes, sha256, and the error that cut it
     short, if one did (a Ray task per shard, wherever the shard lives)."""
-    fs, path = storage.filesystem(uri)
     samples, unlabeled, labels, error = 0, 0, set(), None
+
+    def unreadable(why: str) -> dict:  # missing, forbidden, unreachable: reported, and left out of the manifest
+        return {"uri": uri, "unreadable": why, "samples": 0, "labels": []}
+
     try:
-        raw = fs.open_input_stream(path)
-    except OSError as e:  # missing, forbidden, unreachable: reported, and left out of the manifest
-        return {"uri": uri, "unreadable": f"cannot open: {e}", "samples": 0, "labels": []}
+        raw = storage.open_stream(uri)
+    except OSError as e:
+        return unreadable(f"cannot open: {e}")
     with raw:
         stream = _HashingReader(raw)
         key, members = None, {}
@@ -108,7 +111,12 @@ def survey_shard(uri: str) -> dict:
         except (tarfile.TarError, EOFError) as e:
             close_sample()
             error = f"truncated or corrupt after {samples} samples: {e}"
-        stream.drain()
+        except OSError as e:  # storage failing after its client's retries: the shard is not at fault
+            return unreadable(f"cannot read after {stream.bytes} bytes: {e}")
+        try:
+            stream.drain()  # to the end: the hash covers the whole object
+        except OSError as e:
+            return unreadable(f"cannot read after {stream.bytes} bytes: {e}")
     return {
         "uri": uri,
         "unreadable": None,
@@ -151,6 +159,7 @@ def adopt(splits: dict[str, str], dest: str, classes_file: str | None = None) ->
     for split, found in uris.items():
         if not found:
             raise DatasetError(f"{split} pattern {splits[split]!r} names no shard")
+    storage.check_buckets([u for found in uris.values() for u in found])  # one error, before any shard is read
     storage.ensure_bucket(dest)
     manifest_uri = storage.join(dest, "manifest.json")
     existing = existing_manifest(dest)
@@ -224,6 +233,7 @@ def _unchanged(manifest: dict, params: dict, uris: dict[str, list[str]]) -> bool
         recorded = manifest["splits"].get(split, {}).get("shards", [])
         if [s["uri"] for s in recorded] != found:
             return False
-        if any((storage.head(s["uri"]) or {}).get("size") != s["bytes"] for s in recorded):
+        sizes = storage.sizes(found)  # one LIST per 1000 shards of a folder, not a HEAD each
+        if any(sizes[s["uri"]] != s["bytes"] for s in recorded):
             return False
     return True

@@ -79,7 +79,11 @@ class AugmentConfig:
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
     """A 63-bit seed from (run seed, epoch, sample key), the same in every process and on every machine
-    (Python's ``hash`` of a string is salted per process, so it cannot be used here)."""
+    (Python's ``hash`` of a string is salted per process, so it cannot be used here). A sample's id
+    (``reader.sample_id``: its shard's URI, ``#``, its key) counts without the shard's folders, so that a data
+    set copied to another bucket or prefix trains alike."""
+    shard, sep, within = key.partition("#")  # a sample's key may hold "/" (its folders in the tar)
+    key = shard.rpartition("/")[2] + sep + within
     digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

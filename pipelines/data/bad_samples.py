@@ -10,6 +10,9 @@ the decode tasks need. One per dataset:
 - decode tasks report every block they decoded (``report``). Ray retries a failed task, and a worker group
   restarted mid-epoch reads the epoch again: a block reported twice in the same epoch, and a bad sample
   reported twice in the same epoch, count once;
+- the report that takes the bad fraction past the limit records the verdict, which stays: the decode task
+  that sees it raises, and the training loop asks for it (``verdict``) after every pass over a data set, so
+  that the limit holds whether or not a task waited for its reports' answers;
 - a training run that must stop (too many bad samples, no batch for too long) records why (``stop``): Ray
   Train restarts a failed worker group up to ``max_failures`` times, and each new attempt then ends at once
   with the same reason (``stopped``) instead of waiting for the same failure again.
@@ -40,6 +43,7 @@ class BadSampleCounter:
         self.blocks: dict[int, set[str]] = {}  # epoch -> blocks counted (for retried tasks)
         self.bad_keys: dict[int, set[str]] = {}  # epoch -> bad samples counted
         self.stop_reason: str | None = None
+        self.failed: str | None = None  # the verdict of the report that passed the limit
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,7 +59,7 @@ class BadSampleCounter:
         if block is not None:
             counted = self.blocks.setdefault(epoch, set())
             if block in counted:
-                return self._verdict()  # a retried task: counted already
+                return self.failed  # a retried task: counted already
             counted.add(block)
             self.seen += seen
         known = self.bad_keys.setdefault(epoch, set())
@@ -66,7 +70,12 @@ class BadSampleCounter:
         for old in [e for e in self.blocks.keys() | self.bad_keys.keys() if e < epoch - 1]:
             self.blocks.pop(old, None)  # bounded memory: only the last two epochs can still be retried
             self.bad_keys.pop(old, None)
-        return self._verdict()
+        self.failed = self.failed or self._verdict()
+        return self.failed
+
+    def verdict(self) -> str | None:
+        """Why the limit was passed, once it was (it stays passed); None until then."""
+        return self.failed
 
     def _verdict(self) -> str | None:
         if self.bad and self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:

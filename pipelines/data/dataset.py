@@ -24,6 +24,7 @@ class Shard:
     name: str  # as the manifest writes it: "train/shard-000000.tar", or an adopted shard's URI
     uri: str  # where it is
     samples: int | None  # None when the manifest does not say (the truncation check is then off)
+    bytes: int | None = None  # its size, where the manifest says
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class DataSet:
     def _shards(self) -> dict[str, list[Shard]]:
         return {
             split: [
-                Shard(s["name"], s.get("uri") or storage.join(self.uri, s["name"]), s.get("samples"))
+                Shard(s["name"], s.get("uri") or storage.join(self.uri, s["name"]), s.get("samples"), s.get("bytes"))
                 for s in info["shards"]
             ]
             for split, info in self.manifest["splits"].items()

@@ -30,13 +30,14 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipelines import storage
 from pipelines.data.augment import AugmentConfig, sample_rng, train_transform
 from pipelines.data.bad_samples import BadDataError, bad_sample_counter
 from pipelines.data.dataset import DataSet, DatasetError
-from pipelines.data.reader import ShardDatasource
+from pipelines.data.reader import BAD_LABEL, UNDECODABLE, ShardDatasource, sample_id
 from pipelines.preprocess import eval_transform, open_image
 
 log = logging.getLogger(__name__)
@@ -65,31 +66,36 @@ class DecodeBatch:
         return eval_transform(data, self.size)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray] | pa.Table:
-        columns = ("shard", "key", "image", "label", "error", "epoch", "last")
+        columns = ("shard", "key", "image", "label", "problem", "error")
         keys, images, labels, bad = [], [], [], []
+        skipped: dict[tuple[str, str, str], list[str]] = {}  # (shard, problem, error) -> ids: logged once each
         epoch = batch.column("epoch")[0].as_py()
-        for shard, key, data, label, error, _, _ in zip(*(batch.column(c).to_pylist() for c in columns)):
-            key = f"{shard}#{key}"  # unique in the data set: keys of shards made elsewhere may repeat
-            if error is None and not 0 <= label < self.num_classes:
-                error = f"label {label} outside [0, {self.num_classes})"
-            if error is None:
+        for shard, key, data, label, problem, error in zip(*(batch.column(c).to_pylist() for c in columns)):
+            key = sample_id(shard, key)
+            if problem is None and not 0 <= label < self.num_classes:
+                problem, error = BAD_LABEL, f"label {label} outside [0, {self.num_classes})"
+            if problem is None:
                 try:
                     image = self._transform(data, key, epoch)
                 except Exception as e:  # Pillow raises many types for corrupt data
-                    error = f"cannot decode image: {type(e).__name__}: {e}"
-            if error is not None:
-                log.warning("skipping sample %s: %s", key, error)
+                    problem, error = UNDECODABLE, f"cannot decode image: {type(e).__name__}: {e}"
+            if problem is not None:
+                skipped.setdefault((shard, problem, error), []).append(key)
                 bad.append(key)
                 continue
             keys.append(key)
             images.append(image)
             labels.append(label)
-        block = f"{batch.column('shard')[0]}#{batch.column('key')[0]}"  # its first sample names the block
+        for (_, problem, error), ids in skipped.items():  # an unreadable shard: one line, not one per sample
+            more = f" and {len(ids) - 1} more of its shard" if len(ids) > 1 else ""
+            log.warning("skipping sample %s%s (%s): %s", ids[0], more, problem, error)
+        block = sample_id(batch.column("shard")[0].as_py(), batch.column("key")[0].as_py())  # its first sample
         # Reports are not waited for block by block: on a busy node the counter's answer takes 10-40 ms, 5 % of
         # a block's decode (measured on 2 cores). The answers that have come are read now, and the task's last
-        # block waits for all of them, so a task still fails when the limit is passed.
+        # block waits for all of them, so that a task fails when the limit is passed; the counter keeps its
+        # verdict too, which the training loop asks for after every pass (``verdict``).
         self._reports.append(self.counter.report.remote(epoch, block, batch.num_rows, bad))
-        if batch.column("last")[0].as_py():
+        if pc.any(batch.column("last")).as_py():  # any row: Ray may have merged the final block into others
             answered, self._reports = self._reports, []
         else:
             answered, self._reports = ray.wait(self._reports, num_returns=len(self._reports), timeout=0)
@@ -139,16 +145,21 @@ def read_split(
     schemes = {storage.parse(s.uri).is_s3 for s in shards}
     if len(schemes) > 1:
         raise DatasetError(f"{data.uri} {split}: shards both in S3 and on local paths; keep them in one place")
+    storage.check_buckets([s.uri for s in shards])  # a bucket we cannot read: one error now, not a bad sample each
     fs, _ = storage.filesystem(shards[0].uri)
-    paths = {storage.filesystem(s.uri)[1]: (s.name, s.samples) for s in shards}
+    paths = {storage.filesystem(s.uri)[1]: s for s in shards}
     seed = random.randrange(2**31) if seed is None else seed
     counter = counter or bad_sample_counter()
     source = ShardDatasource(paths, counter=counter, seed=seed, shuffle=train, filesystem=fs)
     augment = augment or AugmentConfig()
     decode = DecodeBatch(image_size, train, augment, data.num_classes, counter, seed, decode_on_device)
-    # batch_size=None: decode each block as the read yields it (BLOCK_ROWS samples). One read task per shard
-    # (no block splitting), and the same CPUs asked for by both, so that Ray fuses read and decode into one
-    # task (with different requests it runs them as two operators, at half the speed).
+    # batch_size=None: decode each block as Ray hands it over. Ray merges a read's blocks of BLOCK_ROWS samples
+    # up to its target block size (128 MiB) first, so a task reads its shard whole, then decodes it: a
+    # smaller target (4 MiB: each block decoded as read, while the next is fetched) hid storage's latency
+    # better (S3 profile 0.90 of loopback, against 0.86) but made everything 18 % slower (smaller decoded
+    # blocks; benchmarks/RESULTS.md). One read task per shard (no block splitting), and the same CPUs asked
+    # for by both, so that Ray fuses read and decode into one task (with different requests it runs them as
+    # two operators, at half the speed).
     ds = ray.data.read_datasource(source, override_num_blocks=len(paths), num_cpus=decode_cpus)
     ds = ds.map_batches(decode, batch_size=None, batch_format="pyarrow", num_cpus=decode_cpus)
     # The pipeline is a single fused operator: Ray Data's per-operator resource reservation would only hold

@@ -8,6 +8,7 @@ off, and every malformed one, becomes a row with its error, so nothing disappear
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -18,13 +19,34 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.datasource import FileBasedDatasource, ReadTask
+from ray.data.datasource import DefaultFileMetadataProvider, FileBasedDatasource, ReadTask
+
+from pipelines import storage
+from pipelines.data.dataset import Shard
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 BLOCK_ROWS = 64  # samples per block, and so per decode call
-# Keys of the error rows of a tar that breaks off: where it broke, and each sample the manifest misses.
-TRUNCATED, MISSING = "truncated-", "missing-"
 INT64_MAX = 2**63 - 1
+
+# What is wrong with a row: its ``problem`` column (``error`` says it in words, for a person).
+UNREADABLE = "unreadable"  # the shard or file could not be read: missing, forbidden, or storage failing after retries
+TRUNCATED = "truncated"  # the tar breaks off (or is corrupt) at this sample
+MISSING = "missing"  # a sample the manifest counts that the tar did not deliver
+MALFORMED = "malformed"  # no image member, or no label / an unreadable one
+UNDECODABLE = "undecodable"  # an image that cannot be decoded
+BAD_LABEL = "bad label"  # a label outside the data set's classes
+
+
+def sample_id(source: str, key: str | None = None) -> str:
+    """The identity of an input, the same in every stage (training's bad-sample reports, labeling's rows and
+    its checkpoint): the object's URI, and for a sample of a shard ``#`` and its WebDataset key. A sample the
+    shard did not deliver is known by its position only: ``#@<n>`` (its n-th sample)."""
+    return source if key is None else f"{source}#{key}"
+
+
+def position(n: int) -> str:
+    """The key of a shard's n-th sample where its own key is unknown (see ``sample_id``)."""
+    return f"@{n}"
 
 
 def parse_label(sample: dict[str, bytes]) -> int | None:
@@ -57,27 +79,35 @@ def _row(shard: str, key: str, sample: dict[str, bytes]) -> dict:
         label, error = None, f"unreadable label: {e}"
     if label is None and error is None:
         error = "no label (cls member or json label)"
-    return {"shard": shard, "key": key, "image": image, "label": -1 if label is None else label, "error": error}
+    problem = None if error is None else MALFORMED
+    label = -1 if label is None else label
+    return {"shard": shard, "key": key, "image": image, "label": label, "problem": problem, "error": error}
 
 
-def _error_row(shard: str, key: str, error: str) -> dict:
-    return {"shard": shard, "key": key, "image": None, "label": -1, "error": error}
+def _error_row(shard: str, key: str, problem: str, error: str) -> dict:
+    return {"shard": shard, "key": key, "image": None, "label": -1, "problem": problem, "error": error}
 
 
-def read_tar(stream, shard: str, expected_samples: int | None = None) -> Iterator[pa.Table]:
-    """Samples of one tar as Arrow blocks of BLOCK_ROWS rows (shard, key, image bytes, label, error).
+def read_tar(stream, shard: str, expected_samples: int | None = None, mark_last: bool = False) -> Iterator[pa.Table]:
+    """Samples of one tar as Arrow blocks of BLOCK_ROWS rows (shard, key, image bytes, label, problem, error;
+    with ``mark_last``, ``last``: whether the block is the shard's final one).
 
-    A broken stream keeps the samples before the break and adds an error row for the one it cut. Python's
+    ``stream`` is an open stream, or the OSError that opening it raised. A broken tar keeps the samples
+    before the break and adds a row for the sample it cut (``truncated``); storage that fails mid-stream
+    (after the storage client's retries) adds one for the sample it was reading (``unreadable``). Python's
     tarfile takes a cut between two members for a clean end, so when the manifest says how many samples a
-    shard holds, every missing one becomes an error row too: nothing disappears uncounted.
+    shard holds, every one not delivered becomes a row too (``missing``, or ``unreadable`` if the shard could
+    not be read): nothing disappears uncounted.
     """
     # Imported here: webdataset imports torch (1.5 s of CPU), which Ray Data's coordinators, that unpickle
     # this module's datasource but read no tar, would pay for nothing.
     from webdataset.tariterators import base_plus_ext
 
     rows: list[dict] = []
-    key, sample, read = None, {}, 0
+    key, sample, read, failed = None, {}, 0, None
     try:
+        if isinstance(stream, OSError):
+            raise stream
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isreg():
@@ -92,61 +122,81 @@ def read_tar(stream, shard: str, expected_samples: int | None = None) -> Iterato
                         read += 1
                     key, sample = base, {}
                 sample[suffix.lower()] = tar.extractfile(member).read()
-                if len(rows) >= BLOCK_ROWS:
-                    yield pa.Table.from_pylist(rows)
+                if len(rows) >= BLOCK_ROWS:  # never the final block: the sample under way follows it
+                    yield _block(rows, mark_last, last=False)
                     rows = []
         if key is not None:
             rows.append(_row(shard, key, sample))
             read += 1
-    except (tarfile.TarError, EOFError) as e:  # storage I/O errors propagate: Ray Data retries the read
+    except (tarfile.TarError, EOFError) as e:
         where = f"after {key}" if key else "at the start"
-        # The row's key names where the tar broke off, without spaces (keys travel in URIs and log lines).
-        key = f"{TRUNCATED}{where.replace(' ', '-')}"
-        rows.append(_error_row(shard, key, f"truncated or corrupt tar {where}: {e}"))
+        rows.append(_error_row(shard, position(read), TRUNCATED, f"truncated or corrupt tar {where}: {e}"))
         read += 1
+    except OSError as e:  # storage, after its client's retries: not the tar's fault
+        failed = f"cannot read {shard}" + (f" after {read} samples" if read else "") + f": {e}"
+        rows.append(_error_row(shard, position(read), UNREADABLE, failed))
+        read += 1
+    ended = f"tar ends after {read} of {expected_samples} samples"
     for i in range(read, expected_samples or 0):
-        rows.append(_error_row(shard, f"{MISSING}{i}", f"tar ends after {read} of {expected_samples} samples"))
+        rows.append(_error_row(shard, position(i), UNREADABLE if failed else MISSING, failed or ended))
     if rows:
-        yield pa.Table.from_pylist(rows)
+        yield _block(rows, mark_last, last=True)
+
+
+def _block(rows: list[dict], mark_last: bool, last: bool) -> pa.Table:
+    block = pa.Table.from_pylist(rows)
+    return block.append_column("last", pa.array(np.full(block.num_rows, last))) if mark_last else block
 
 
 def _with_epoch(read_fn: Callable[[], Iterator[pa.Table]], epoch: int) -> Iterator[pa.Table]:
-    """A read task's blocks with the execution's epoch and a ``last`` flag on the task's final block (one
-    block is held back to know it), so that the decode can wait for its bad-sample reports only there."""
-
-    def stamped(block: pa.Table, last: bool) -> pa.Table:
-        block = block.append_column("epoch", pa.array(np.full(block.num_rows, epoch, np.int64)))
-        return block.append_column("last", pa.array(np.full(block.num_rows, last)))
-
-    held = None
+    """A read task's blocks with the execution's epoch."""
     for block in read_fn():
-        if held is not None:
-            yield stamped(held, False)
-        held = block
-    if held is not None:
-        yield stamped(held, True)
+        yield block.append_column("epoch", pa.array(np.full(block.num_rows, epoch, np.int64)))
+
+
+class _FromManifest(DefaultFileMetadataProvider):
+    """The shards' sizes as the manifest gives them. Ray's default asks storage for each (a HEAD per shard,
+    or a listing), and fails the whole dataset when one shard cannot be read: here that shard's own rows say
+    so, as for any shard that breaks."""
+
+    def __init__(self, sizes: dict[str, int | None]):
+        self.sizes = sizes
+
+    def expand_paths(self, paths, filesystem, partitioning=None, ignore_missing_paths=False):
+        yield from ((p, self.sizes[p]) for p in paths)
 
 
 class ShardDatasource(FileBasedDatasource):
-    """WebDataset tars -> rows (shard, key, image bytes, label, error, epoch, last); never fails a read for
-    bad data.
+    """WebDataset tars -> rows (shard, key, image bytes, label, problem, error, epoch, last); never fails a
+    read for bad data, nor for a shard that cannot be read (its rows say so).
 
-    ``shards`` maps each path (in the filesystem's terms) to the shard's name and the number of samples the
-    manifest gives it (None: unknown). Every execution (epoch) asks the dataset's counter which epoch it is,
-    stamps that on its rows and, for training, orders the shards by (seed, epoch): Ray's own
-    FileShuffleConfig reseeds by execution index, which restarts at 0 when a worker group restarts, so a
-    resumed run would repeat the first epochs' orders.
+    ``shards`` maps each path (in the filesystem's terms) to its shard in the manifest. Every execution
+    (epoch) asks the dataset's counter which epoch it is, stamps that on its rows and, for training, orders
+    the shards by (seed, epoch): Ray's own FileShuffleConfig reseeds by execution index, which restarts at 0
+    when a worker group restarts, so a resumed run would repeat the first epochs' orders.
     """
 
     _FILE_EXTENSIONS: ClassVar[list[str]] = ["tar"]
 
-    def __init__(self, shards: dict[str, tuple[str, int | None]], *, counter, seed: int, shuffle: bool, **kw):
-        super().__init__(list(shards), **kw)
+    def __init__(self, shards: dict[str, Shard], *, counter, seed: int, shuffle: bool, **kw):
+        sizes = _FromManifest({path: shard.bytes for path, shard in shards.items()})
+        super().__init__(list(shards), meta_provider=sizes, **kw)
         self._shards, self._counter, self._seed, self._reshuffle = shards, counter, seed, shuffle
 
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        """storage's stream (large GETs, read ahead); a shard that cannot be opened is handed to the read as
+        its error, which becomes its rows (Ray would fail the task, and with it the dataset)."""
+        try:
+            return storage.open_stream(self._shards[path].uri)
+        except OSError as e:
+            return contextlib.nullcontext(e)
+
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
-        name, expected = self._shards.get(path, (path, None))
-        yield from read_tar(stream, name, expected)
+        # ``last`` on the rows of the shard's (so the task's) final block, where the decode waits for its
+        # bad-sample reports. Ray Data may merge a task's blocks (up to its target block size) or split them
+        # before the decode sees them: the flag is on every row of the final block, and the decode looks at all.
+        shard = self._shards[path]
+        yield from read_tar(stream, shard.uri, shard.samples, mark_last=True)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         # Ray Data also calls this once when the dataset is created, with no context, only to count blocks:

@@ -9,12 +9,16 @@ and the Ray Data datasource that turns units into rows of raw bytes, one row per
 - a list of image URIs: a Parquet or CSV file (a ``path`` or ``uri`` column, else the first column) or a
   text file (one per line).
 
-Every row carries ``path``, the input's identity in the output: the image's URI, or the shard's URI + ``#``
-+ the sample key. It is unique per input, so it is also the id by which a resumed job knows what is done.
+Every row carries ``path``, the input's identity (``reader.sample_id``, the same in every stage): the
+image's URI, or the shard's URI + ``#`` + the sample key, or the shard's URI alone for a row about the whole
+shard (one that cannot be read, or breaks off). It is unique per input, so it is also the id by which a
+resumed job knows what is done. What is wrong with a row is its ``problem`` (``reader``'s kinds), in words
+its ``error``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -22,6 +26,7 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,22 +36,24 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
 from pipelines.data.dataset import DataSet, DatasetError
-from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, read_tar
+from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, UNREADABLE, read_tar, sample_id
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
 IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
 FETCH_THREADS = 8  # image files a read task fetches at once
+ARRIVED_BLOCK = 16  # image files handed to the decode together, as they arrive
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("error", pa.string())])
+SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("problem", pa.string()),
+                    ("error", pa.string())])  # fmt: skip
 
 
-# An input that is gone or that we may not read is that input's error row. Any other storage error (a bucket
-# that does not exist, an endpoint that does not answer, credentials refused) fails the read task and so the
-# job, with the storage's message: nothing is written for those inputs, and the same command again labels
-# them once the storage answers.
-UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError)
+# An input that is gone or that we may not read (storage's FileNotFoundError, PermissionError: S3's 404 and
+# 403) is that input's error row, as is one that storage fails to deliver after its retries. Storage that
+# cannot be reached or read at all (no bucket, no endpoint, credentials refused) is one error before any
+# work starts (the job checks the buckets first).
+UNREADABLE_ERRORS = OSError  # storage.StorageError is one
 
 
 class InputError(ValueError):
@@ -66,7 +73,8 @@ def resolve(spec: str, split: str | None = None) -> list[Unit]:
     """The units ``spec`` names (see the module's docstring), in a stable order."""
     if "{" in spec and "}" in spec:
         units = [Unit(u, "tar") for u in braceexpand(spec)]
-        missing = [u.uri for u in units if not storage.exists(u.uri)]
+        sizes = storage.sizes([u.uri for u in units])  # one LIST where they share a folder, else HEADs at once
+        missing = [u.uri for u in units if sizes[u.uri] is None]
         if missing:
             raise InputError(f"{len(missing)} of the {len(units)} shards of {spec} do not exist, e.g. {missing[0]}")
         return units
@@ -121,63 +129,72 @@ def read_list(uri: str) -> list[str]:
     return uris
 
 
-def _error_table(path: str, error: str) -> pa.Table:
-    return pa.Table.from_pylist([{"path": path, "image": None, "label": None, "error": error}], schema=SCHEMA)
+def _error_table(path: str, problem: str, error: str) -> pa.Table:
+    row = {"path": path, "image": None, "label": None, "problem": problem, "error": error}
+    return pa.Table.from_pylist([row], schema=SCHEMA)
 
 
 def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
-    """A shard's samples, streamed (a block of BLOCK_ROWS samples in memory at a time). A shard that breaks
-    off: its samples before the break, then one row for the shard itself that says where it broke and, when
-    the manifest knows the count, how many samples are missing."""
-    fs, path = storage.filesystem(unit.uri)
+    """A shard's samples, streamed (a block of BLOCK_ROWS samples in memory at a time). A shard that cannot
+    be read, or breaks off: its samples before that, then one row for the shard itself that says what
+    happened and, when the manifest knows the count, how many samples are missing."""
     try:
-        stream = fs.open_input_stream(path)
-    except UNREADABLE as e:
-        held = f"; the manifest says it held {unit.expected} samples" if unit.expected is not None else ""
-        yield _error_table(unit.uri, f"cannot read: {e}{held}")
-        return
+        stream = storage.open_stream(unit.uri)
+    except UNREADABLE_ERRORS as e:
+        stream = e  # read_tar makes it the shard's rows
     broken, samples = None, 0
-    with stream:
+    with stream if not isinstance(stream, Exception) else contextlib.nullcontext():
         for block in read_tar(stream, unit.uri, unit.expected):
             rows = []
-            columns = (block.column(c).to_pylist() for c in ("key", "image", "label", "error"))
-            for key, image, label, error in zip(*columns):
-                if image is None and key.startswith((TRUNCATED, MISSING)):
-                    broken = broken or error  # the first says where the tar broke
+            columns = (block.column(c).to_pylist() for c in ("key", "image", "label", "problem", "error"))
+            for key, image, label, problem, error in zip(*columns):
+                if problem in (TRUNCATED, MISSING, UNREADABLE):
+                    broken = broken or (problem, error)  # the first says where the tar broke
                     continue
-                if error is not None and image is not None:  # a label problem: labeling needs no label
-                    error = None
-                rows.append({"path": f"{unit.uri}#{key}", "image": image, "label": None if label < 0 else label,
-                             "error": error})  # fmt: skip
+                if image is not None:  # a label problem: labeling needs no label
+                    problem = error = None
+                rows.append({"path": sample_id(unit.uri, key), "image": image, "label": None if label < 0 else label,
+                             "problem": problem, "error": error})  # fmt: skip
                 samples += 1
             if rows:
                 yield pa.Table.from_pylist(rows, schema=SCHEMA)
     if broken:
+        problem, error = broken
         if unit.expected is not None:
             missing = f"{unit.expected - samples} of its {unit.expected} samples are missing"
         else:
             missing = "no manifest says how many samples it held"
-        yield _error_table(unit.uri, f"{broken}; {missing}")
+        yield _error_table(sample_id(unit.uri), problem, f"{error}; {missing}")
 
 
 def _image_row(unit: Unit) -> dict:
     try:
-        return {"path": unit.uri, "image": storage.read_bytes(unit.uri), "label": None, "error": None}
-    except UNREADABLE as e:
-        return {"path": unit.uri, "image": None, "label": None, "error": f"cannot read: {e}"}
+        return {"path": sample_id(unit.uri), "image": storage.read_bytes(unit.uri), "label": None, "problem": None,
+                "error": None}  # fmt: skip
+    except UNREADABLE_ERRORS as e:
+        return {"path": sample_id(unit.uri), "image": None, "label": None, "problem": UNREADABLE,
+                "error": f"cannot read: {e}"}  # fmt: skip
 
 
 def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
-    """Image files, fetched by a few threads at once: one object store request after another would leave
-    the task waiting on S3's latency rather than decoding."""
+    """Image files, fetched by a few threads at once (one request after another would leave the task waiting
+    on storage's latency) and handed on ARRIVED_BLOCK at a time as they arrive, so that a consumer can work
+    on the first while the threads fetch the rest (Ray Data merges them into one block before its decode:
+    see job._run). In order, and never more than two blocks ahead."""
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
-        rows = list(pool.map(_image_row, units))
-    yield pa.Table.from_pylist(rows, schema=SCHEMA)
+        pending = iter(units)
+        ahead = [pool.submit(_image_row, u) for u in islice(pending, 2 * ARRIVED_BLOCK)]
+        while ahead:
+            arrived, ahead = ahead[:ARRIVED_BLOCK], ahead[ARRIVED_BLOCK:]
+            rows = [f.result() for f in arrived]
+            ahead += [pool.submit(_image_row, u) for u in islice(pending, ARRIVED_BLOCK)]
+            yield pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 class InputDatasource(Datasource):
-    """Units -> rows (path, image bytes, label or null, error or null): one read task per shard or per
-    IMAGES_PER_TASK image files. Never fails a read for bad data (see UNREADABLE for storage errors)."""
+    """Units -> rows (path, image bytes, label or null, problem and error or null): one read task per shard
+    or per IMAGES_PER_TASK image files. Never fails a read for bad data, nor for an input that storage
+    cannot deliver (UNREADABLE_ERRORS)."""
 
     def __init__(self, units: list[Unit]):
         super().__init__()

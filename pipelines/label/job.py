@@ -4,7 +4,8 @@ actor pool, the model loaded once per actor) -> Parquet, streaming end to end, o
     result = label(LabelConfig(input="s3://b/images/", output="s3://b/labels/run1",
                                registry="s3://b/registry", model="crossvit-small"))
 
-Rows: ``path``, ``labels`` / ``names`` / ``probs`` (top-k), ``model``, ``version``, ``error`` (null when
+Rows: ``path`` (the input's id), ``labels`` / ``names`` / ``probs`` (top-k), ``model``, ``version``,
+``problem`` (its kind: unreadable, truncated, undecodable, ...) and ``error`` (in words; both null when
 labeled), ``label`` (the input's own label, where it has one: data sets and shards), and with
 ``embeddings`` the pooled features the head sees (both branches' CLS tokens, float16).
 
@@ -33,6 +34,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from pipelines import storage
 from pipelines.cluster import ResourcePlanError, connect
+from pipelines.data.reader import UNDECODABLE
 from pipelines.label.inputs import InputDatasource, resolve
 from pipelines.preprocess import MAX_PIXELS, eval_transform, normalize
 from pipelines.registry.store import Registry
@@ -43,6 +45,9 @@ ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_ti
 WRITE_CPUS = 0.1  # a Parquet write task (Ray Data's default, 1, would wait for a whole free CPU)
 CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
 JOB_RECORD = "_label_job.json"  # what the first run labeled with (see _pin_the_job)
+# The rows' format, recorded with the job: 2 added the ``problem`` column and gave a shard's own error row
+# its bare URI as id. An output of another format is not resumed into (its files would not read as one).
+OUTPUT_FORMAT = 2
 
 
 class LabelConfigError(ValueError):
@@ -125,20 +130,22 @@ class Decode:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         paths = batch.column("path").to_pylist()
-        errors = batch.column("error").to_pylist()
+        problems, errors = batch.column("problem").to_pylist(), batch.column("error").to_pylist()
         pixels = np.zeros((len(paths), self.size, self.size, 3), np.uint8)
         for i, data in enumerate(batch.column("image").to_pylist()):
-            if errors[i] is None:
+            if problems[i] is None:
                 try:
                     pixels[i] = eval_transform(data, self.size, self.max_pixels)
                 except Exception as e:  # Pillow raises many types for damaged data
-                    errors[i] = f"cannot decode image: {type(e).__name__}: {e}"
+                    problems[i], errors[i] = UNDECODABLE, f"cannot decode image: {type(e).__name__}: {e}"
         labels = [-1 if v is None else v for v in batch.column("label").to_pylist()]
         return {
             "path": np.asarray(paths, dtype=object),
             "pixels": pixels,
             "label": np.asarray(labels, dtype=np.int64),
-            "error": np.asarray([e or "" for e in errors], dtype=object),  # "": none (numpy has no null string)
+            # "": none (numpy has no null string)
+            "problem": np.asarray([p or "" for p in problems], dtype=object),
+            "error": np.asarray([e or "" for e in errors], dtype=object),
         }
 
 
@@ -162,8 +169,9 @@ class Labeler:
         self.dim = sum(norm.normalized_shape[0] for norm in self.model.norm)  # forward_features' width
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        problems = [str(p) or None for p in batch["problem"]]
         errors = [str(e) or None for e in batch["error"]]
-        ok = np.array([e is None for e in errors])
+        ok = np.array([p is None for p in problems])
         n, k = len(errors), self.top_k
         probs = np.zeros((n, k), np.float32)
         labels = np.zeros((n, k), np.int64)
@@ -189,6 +197,7 @@ class Labeler:
             "probs": rows(probs, pa.float32()),
             "model": pa.array([self.version.model] * n, pa.string()),
             "version": pa.array([self.version.number] * n, pa.int64()),
+            "problem": pa.array(problems, pa.string()),
             "error": pa.array(errors, pa.string()),
             "label": pa.array([int(v) if v >= 0 else None for v in batch["label"]], pa.int64()),
         }
@@ -248,7 +257,7 @@ def _committed(fs: pa.fs.FileSystem, checkpoint_path: str) -> int:
 
 def _job_record(cfg: LabelConfig, version: int) -> dict:
     return {"input": cfg.input, "split": cfg.split, "model": cfg.model, "version": version, "top_k": cfg.top_k,
-            "embeddings": cfg.embeddings}  # fmt: skip
+            "embeddings": cfg.embeddings, "output_format": OUTPUT_FORMAT}  # fmt: skip
 
 
 def _pin_the_job(cfg: LabelConfig, reg: Registry, resuming: bool) -> int:
@@ -266,6 +275,12 @@ def _pin_the_job(cfg: LabelConfig, reg: Registry, resuming: bool) -> int:
         version = reg.get(cfg.model, cfg.version) if cfg.version is not None else reg.resolve(cfg.model, cfg.alias)
         storage.write_bytes(record_uri, json.dumps(_job_record(cfg, version.number), indent=1).encode())
         return version.number
+    if recorded.get("output_format", 1) != OUTPUT_FORMAT:
+        raise LabelConfigError(
+            f"{cfg.output} was written by an earlier version of this job (rows of format "
+            f"{recorded.get('output_format', 1)}, now {OUTPUT_FORMAT}: other columns and ids), so it cannot be "
+            f"resumed: label into a new --output, or delete {cfg.output} to start it again"
+        )
     number = cfg.version if cfg.version is not None else recorded["version"]
     wanted = _job_record(cfg, number)
     differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
@@ -280,7 +295,8 @@ def _pin_the_job(cfg: LabelConfig, reg: Registry, resuming: bool) -> int:
 def label(cfg: LabelConfig) -> LabelResult:
     """Run (or resume) a labeling job; see the module's docstring."""
     start = time.perf_counter()
-    units = resolve(cfg.input, cfg.split)  # before Ray starts: a wrong input fails at once
+    units = resolve(cfg.input, cfg.split)  # before Ray starts: a wrong input fails at once ...
+    storage.check_buckets([u.uri for u in units])  # ... as does storage we cannot reach or read
     connect()
     reg = Registry(cfg.registry)
     fs, out_path = storage.filesystem(cfg.output)
@@ -340,4 +356,9 @@ def _run(cfg: LabelConfig, units: list, version, plan: LabelPlan, fs: pa.fs.File
         memory=ACTOR_MEMORY,
         batch_format="numpy",
     )
+    # Ray merges a read's blocks up to its target block size (128 MiB) before the fused decode sees them, so
+    # a task fetches its 256 image files (or its shard) before it decodes any of them. A 4 MiB target hands
+    # them on as they arrive, but made the job 22 % slower on local files (steady 23.6 against 30.1 img/s,
+    # 2 cores: smaller blocks all the way to the model); at the S3 profile the job runs at 0.98 of loopback
+    # without it (benchmarks/RESULTS.md).
     ds.write_parquet(out_path, filesystem=fs, ray_remote_args={"num_cpus": WRITE_CPUS})

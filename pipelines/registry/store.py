@@ -13,6 +13,13 @@ Writes are compare-and-swap (``storage.create_exclusive`` / ``storage.replace_if
   candidate with a version that is no longer current.
 Nothing points at a version before it is complete, and a reader skips versions that are not ready.
 
+Every claim and alias record carries a ``write_id`` of its own (a random uuid). A conditional write can be
+refused by its own success: when the response to an S3 PUT is lost (a connection reset), boto3 sends the PUT
+again, and the retry meets the first attempt's write (412: the number is taken, the ETag has changed). So
+on a refusal the registry reads the object back, and if it holds the write_id it just wrote, the write is
+done: the claimed number is kept (not bumped, which would leave an orphan "uploading" version), and the
+alias move is reported done (not "moved meanwhile").
+
 Loading checks the weights against the sha256 recorded in model.json; only safetensors and JSON are read.
 """
 
@@ -23,6 +30,7 @@ import hashlib
 import json
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +60,24 @@ class ChecksumError(RegistryError):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new_write_id() -> str:
+    """A fresh id for one record written, to recognise it when it is read back (see the module docstring)."""
+    return uuid.uuid4().hex
+
+
+def wrote(uri: str, write_id: str) -> bool:
+    """Whether the object at ``uri`` is the record with ``write_id``: a conditional write that was refused
+    was in fact this process's own, whose response was lost and whose retry met it."""
+    found = storage.read_tagged(uri)
+    if found is None:
+        return False
+    try:
+        record = json.loads(found[0])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and record.get("write_id") == write_id
 
 
 def who() -> str:
@@ -176,13 +202,14 @@ class Registry:
         digest = hashlib.sha256(data).hexdigest()
         number = (self.version_numbers(model) or [0])[-1] + 1
         for _ in range(1000):  # claim the number: the first to create its model.json has it
-            claim = {"format": FORMAT, "status": "uploading", "claimed": now(), "by": who()}
+            claim = {"format": FORMAT, "status": "uploading", "claimed": now(), "by": who(), "write_id": new_write_id()}
+            claim_uri = storage.join(self._version_uri(model, number), "model.json")
             try:
-                storage.create_exclusive(
-                    storage.join(self._version_uri(model, number), "model.json"), json.dumps(claim).encode()
-                )
+                storage.create_exclusive(claim_uri, json.dumps(claim).encode())
                 break
             except storage.PreconditionFailed:
+                if wrote(claim_uri, claim["write_id"]):  # our own claim, met by boto3's retry: the number is ours
+                    break
                 number += 1
         else:
             raise RegistryError(f"could not claim a version number of {model} (tried up to {number})")
@@ -307,11 +334,16 @@ class Registry:
         return self._swap(model, alias, new, tag, target)
 
     def _swap(self, model: str, alias: str, new: dict, tag: str | None, number: int) -> dict:
+        """Write the alias record ``new`` if the alias still has ``tag``; AliasMovedError if it has not."""
+        new = {**new, "write_id": new_write_id()}  # a rollback copies the old record: never its write_id
+        uri = self._alias_uri(model, alias)
         try:
-            storage.replace_if(self._alias_uri(model, alias), json.dumps(new, indent=1).encode(), tag)
+            storage.replace_if(uri, json.dumps(new, indent=1).encode(), tag)
         except storage.LockHeld as e:
             raise RegistryError(str(e)) from None
         except storage.PreconditionFailed:
+            if wrote(uri, new["write_id"]):  # our own move, met by boto3's retry: done, not "moved meanwhile"
+                return new
             now_at, _ = self.read_alias(model, alias)
             raise AliasMovedError(
                 f"{model}:{alias} was moved by another promotion while this one ran (now version "

@@ -157,26 +157,29 @@ def device_batches(
     if not cfg.decode_on_device:
         raw = shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=shuffle)
         what = "training batch" if train else "validation batch"
-        yield from _watched(raw, cfg.batch_timeout_s, what, stop or counter)
+        yield from _watched(raw, cfg.batch_timeout_s, what, counter, stop or counter)
         return
     raw = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle)
     size = cfg.model_config().img_size
-    for batch in _watched(raw, cfg.batch_timeout_s, "encoded batch", stop or counter):
+    for batch in _watched(raw, cfg.batch_timeout_s, "encoded batch", counter, stop or counter):
         images, labels = decode_on_device(
             batch, size=size, train=train, device=device, augment=cfg.augment, seed=cfg.seed, counter=counter
         )
         yield {"image": images, "label": labels}
 
 
-def _watched(batches: Iterable, timeout_s: float, what: str, counter=None) -> Iterator:
-    """Batches with the stall watchdog (pipelines/cluster.py), a data error raised as itself, and both
-    recorded as the run's stop reason in ``counter``."""
+def _watched(batches: Iterable, timeout_s: float, what: str, counter=None, stop=None) -> Iterator:
+    """Batches with the stall watchdog (pipelines/cluster.py); at their end, the data's bad-sample verdict
+    from ``counter`` (a decode task may have ended before its limit-passing report was answered); a data error
+    raised as itself, and both recorded as the run's stop reason in ``stop``."""
     try:
         yield from watch(batches, timeout_s, what)
+        if counter is not None and (problem := ray.get(counter.verdict.remote())):
+            raise BadDataError(problem)
     except Exception as e:
         plain = surfaced(e)
-        if counter is not None and isinstance(plain, BadDataError | StalledError):
-            ray.get(counter.stop.remote(f"{type(plain).__name__}: {plain}"))
+        if stop is not None and isinstance(plain, BadDataError | StalledError):
+            ray.get(stop.stop.remote(f"{type(plain).__name__}: {plain}"))
         if plain is e:
             raise
         raise plain from e
