@@ -202,10 +202,9 @@ class StorageProxy:
                     proxy._end()
 
             def _answer(self, url: urllib.parse.SplitResult, headers: dict[str, str]) -> None:
-                length = int(headers.get("content-length", 0) or 0)
-                body = self.rfile.read(length) if length else None
+                body = self._body(headers)
                 with proxy._lock:
-                    proxy.bytes_received += length
+                    proxy.bytes_received += len(body or b"")
                 profile = proxy.profile
                 status, reset_after, lose = proxy._decide(self.command, urllib.parse.unquote(url.path.lstrip("/")))
                 if profile.first_byte_s:
@@ -215,7 +214,9 @@ class StorageProxy:
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 try:
-                    forwarded = {k: v for k, v in self.headers.items() if k.lower() != "expect"}  # 100: answered here
+                    # Expect: 100-continue was answered here; a chunked body goes on whole, with its length.
+                    dropped = ("expect", "transfer-encoding", "content-length")
+                    forwarded = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                     upstream.request(self.command, self.path, body=body, headers=forwarded)
                     response = upstream.getresponse()
                     if lose:  # done upstream; the client never hears of it
@@ -232,6 +233,20 @@ class StorageProxy:
                         self._stream(response, profile.bytes_per_s, reset_after, key)
                 finally:
                     upstream.close()
+
+            def _body(self, headers: dict[str, str]) -> bytes | None:
+                """The request's body: by its Content-Length, or de-chunked (the AWS SDK under pyarrow sends
+                uploads with Transfer-Encoding: chunked)."""
+                if "chunked" not in headers.get("transfer-encoding", "").lower():
+                    length = int(headers.get("content-length", 0) or 0)
+                    return self.rfile.read(length) if length else None
+                parts = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()  # the CRLF after the chunk
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers, up to a blank line
+                    pass
+                return b"".join(parts)
 
             def _reset(self) -> None:
                 """Drop the connection as a network does: SO_LINGER 0 makes close() send a RST, not a clean end."""
