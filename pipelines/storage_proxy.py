@@ -227,6 +227,9 @@ class StorageProxy:
                     for name, value in response.getheaders():
                         if name.lower() not in ("transfer-encoding", "connection"):
                             self.send_header(name, value)
+                    if response.getheader("content-length") is None:  # a chunked body: its end is the close
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
                     self.end_headers()
                     if self.command != "HEAD":
                         key = urllib.parse.unquote(url.path.lstrip("/"))
