@@ -203,14 +203,17 @@ def _s3_errors():
     return (BotoCoreError, ClientError)
 
 
+def _code(err: Exception) -> str:
+    """The S3 error code of a boto3 error ("" for others)."""
+    return getattr(err, "response", {}).get("Error", {}).get("Code", "")
+
+
 def _not_found(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound")
+    return _code(err) in ("404", "NoSuchKey", "NotFound")
 
 
 def _denied(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("403", "AccessDenied", "Forbidden")
+    return _code(err) in ("403", "AccessDenied", "Forbidden")
 
 
 def _client_error(err: Exception, uri: str, doing: str = "read") -> Exception:
@@ -255,7 +258,7 @@ def _read_range(loc: Location, uri: str, start: int = 0, end: int | None = None,
         except _s3_errors() as e:
             if _precondition_failed(e):
                 raise _Replaced(f"{uri} was replaced while it was read") from None
-            if getattr(e, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
+            if _code(e) == "InvalidRange":
                 return b"", etag or "", size if size is not None else at  # nothing from ``at`` on
             raise _client_error(e, uri) from None
         etag = etag or response["ETag"]
@@ -463,9 +466,8 @@ class LockHeld(PreconditionFailed):
 
 
 def _precondition_failed(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
     status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
+    return _code(err) in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
 
 
 def create_exclusive(uri: str, data: bytes) -> None:

@@ -164,12 +164,8 @@ class StorageProxy:
                         f.lose_response[pattern] -= 1
                         self.counts["response lost"] += 1
                         return None, None, True
-            if (
-                method == "GET"
-                and f.reset_after is not None
-                and (f.reset_times < 0 or self._resets[key] < f.reset_times)
-            ):
-                return None, f.reset_after, False  # cut if the body is that long (``_cut``)
+            if method == "GET" and f.reset_after is not None:
+                return None, f.reset_after, False  # cut if the body is that long and cuts are left (``_cut``)
             return None, None, False
 
     def _cut(self, key: str) -> bool:

@@ -143,6 +143,15 @@ def read_tar(stream, shard: str, expected_samples: int | None = None, mark_last:
         yield _block(rows, mark_last, last=True)
 
 
+def open_shard(uri: str):
+    """A shard's stream; one that cannot be opened (missing, forbidden, storage failing) gives its OSError
+    instead, for ``read_tar`` to make it the shard's rows. Both as a context manager."""
+    try:
+        return storage.open_stream(uri)
+    except OSError as e:
+        return contextlib.nullcontext(e)
+
+
 def _block(rows: list[dict], mark_last: bool, last: bool) -> pa.Table:
     block = pa.Table.from_pylist(rows)
     return block.append_column("last", pa.array(np.full(block.num_rows, last))) if mark_last else block
@@ -186,10 +195,7 @@ class ShardDatasource(FileBasedDatasource):
     def _open_input_source(self, filesystem, path: str, **open_args):
         """storage's stream (large GETs, read ahead); a shard that cannot be opened is handed to the read as
         its error, which becomes its rows (Ray would fail the task, and with it the dataset)."""
-        try:
-            return storage.open_stream(self._shards[path].uri)
-        except OSError as e:
-            return contextlib.nullcontext(e)
+        return open_shard(self._shards[path].uri)
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
         # ``last`` on the rows of the shard's (so the task's) final block, where the decode waits for its

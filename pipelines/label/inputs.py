@@ -18,7 +18,6 @@ its ``error``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -36,7 +35,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
 from pipelines.data.dataset import DataSet, DatasetError
-from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, UNREADABLE, read_tar, sample_id
+from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, UNREADABLE, open_shard, read_tar, sample_id
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
 IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
@@ -138,12 +137,8 @@ def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
     """A shard's samples, streamed (a block of BLOCK_ROWS samples in memory at a time). A shard that cannot
     be read, or breaks off: its samples before that, then one row for the shard itself that says what
     happened and, when the manifest knows the count, how many samples are missing."""
-    try:
-        stream = storage.open_stream(unit.uri)
-    except UNREADABLE_ERRORS as e:
-        stream = e  # read_tar makes it the shard's rows
     broken, samples = None, 0
-    with stream if not isinstance(stream, Exception) else contextlib.nullcontext():
+    with open_shard(unit.uri) as stream:  # one that cannot be opened: read_tar makes its error the rows
         for block in read_tar(stream, unit.uri, unit.expected):
             rows = []
             columns = (block.column(c).to_pylist() for c in ("key", "image", "label", "problem", "error"))
