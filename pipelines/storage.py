@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,18 +419,50 @@ def _head_denied(uri: str) -> bool:
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """URIs of the files below a prefix (recursively), sorted."""
+    return sorted(u for page in list_pages(uri, suffix) for u in page)
+
+
+def list_pages(uri: str, suffix: str = "", page_size: int = 1000) -> Iterator[list[str]]:
+    """The files below a prefix (recursively) a page at a time, as S3 lists them (1,000 keys per LIST, in key
+    order), so that a corpus of millions is never one list in memory. Local folders: by name, folder by folder."""
     loc = parse(uri)
     if not loc.is_s3:
         root = Path(loc.key)
-        return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file()) if root.exists() else []
+        page: list[str] = []
+        for folder, dirs, files in os.walk(root) if root.is_dir() else []:
+            dirs.sort()
+            page += [path for name in sorted(files) if (path := os.path.join(folder, name)).endswith(suffix)]
+            if len(page) >= page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+        return
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-    out = []
     try:
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-            out += [f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+        paging = {"PageSize": page_size}
+        for listed in (
+            s3_client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=loc.bucket, Prefix=prefix, PaginationConfig=paging)
+        ):
+            found = [f"s3://{loc.bucket}/{o['Key']}" for o in listed.get("Contents", []) if o["Key"].endswith(suffix)]
+            if found:
+                yield found
     except _s3_errors() as e:
         raise StorageError(f"cannot list {uri}: {e}") from None
-    return sorted(out)
+
+
+def normalise(uri: str, base: str) -> str:
+    """One spelling per object: ``s3://b/k`` as S3 names it (a leading ``/`` of the key dropped), a local path
+    absolute and normalised (``./a.jpg``, ``x/../a.jpg`` and ``a.jpg`` are one file; relative to ``base``).
+    Without touching the file system (no symlinks resolved), so that millions of names cost no requests."""
+    uri = uri.strip()
+    if uri.startswith("s3://"):
+        loc = parse(uri)
+        return f"s3://{loc.bucket}/{loc.key}"
+    path = os.path.expanduser(uri.removeprefix("file://"))
+    return os.path.normpath(os.path.join(base, path))
 
 
 def ensure_bucket(uri: str) -> None:

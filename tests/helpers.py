@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import shutil
+import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +51,70 @@ def stop_ray(temp_dir: str) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+
+
+# Ray's fake multi-node provider's config (python/ray/autoscaler/_private/fake_multi_node/example.yaml in
+# Ray's repository; the wheel lacks the file, and Ray's v1 autoscaler merges no defaults: every key is here).
+# fmt: off
+FAKE_CLUSTER = {
+    "cluster_name": "fake",
+    "max_workers": 4,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "head_node_type": "ray.head.default",  # the name the fake provider gives its head
+    "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {}, "initialization_commands": [],
+    "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+    "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+}
+# fmt: on
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(worker_types: dict, env: dict):
+    """A cluster shaped like infra/aws/cluster.yaml on this machine: a head with 0 CPUs and the given worker
+    node types (``{"cpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 1}}``), added by Ray's
+    autoscaler (v1, as ``ray up`` runs it) through its fake multi-node provider, which starts each node as a
+    raylet on this machine. Ray's own ``AutoscalingCluster`` runs ``ray stop --force`` (every Ray here, the
+    session's cluster too) and reads the config file the wheel lacks. Yields the head's address; the node
+    types are published as infra/aws/cluster.yaml's head does (``python -m jobs.cluster report-node-types``)."""
+    from pipelines.local_s3 import free_port
+
+    temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    config = {**FAKE_CLUSTER, "provider": {**FAKE_CLUSTER["provider"], "gcs_address": address}}
+    config["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        **{name: {"node_config": {}, **t} for name, t in worker_types.items()},
+    }
+    path = Path(temp) / "autoscaling.json"
+    path.write_text(json.dumps(config))
+    command = [RAY_CLI, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+               "--num-cpus=0", f"--temp-dir={temp}", f"--autoscaling-config={path}", "--include-dashboard=false",
+               "--disable-usage-stats"]  # fmt: skip
+    # The monitor stops its nodes on SIGTERM with RAY_AUTOSCALER_FATESHARE_WORKERS.
+    fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTOSCALER_FATESHARE_WORKERS": "1"}
+    head = subprocess.Popen(
+        command,
+        env={**env, **fake},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        report = [sys.executable, "-m", "jobs.cluster", "report-node-types", str(path), f"--address={address}"]
+        deadline = time.monotonic() + 60
+        while subprocess.run(report, env=env, capture_output=True, cwd=Path(__file__).parent.parent).returncode:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the autoscaling test cluster did not start")
+            time.sleep(0.5)
+        yield {"address": address, "temp_dir": temp}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        stop_ray(temp)  # the fake nodes too (their processes name the folder): no 30 s of graceful stops
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def train_workers() -> list:

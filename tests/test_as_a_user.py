@@ -155,8 +155,7 @@ def test_the_demo_on_a_cluster_and_a_bucket_that_hold_earlier_work(ray_cluster, 
     finished run, version 1 in the registry, the labels. No endpoint of its own; the finished run is not
     trained again, it is promoted as version 2, the labeling resumes and writes nothing new, and what it made
     stays in the bucket. The Serve application is gone before labeling starts: labeling plans from the CPUs
-    that are free, and on 2 cores a resumed labeling (Ray Data's checkpoint filter needs a CPU) did not fit
-    beside the replica."""
+    that are free, and on 2 cores a resumed labeling did not fit beside the replica."""
     from ray import serve
 
     from pipelines import demo
@@ -248,8 +247,9 @@ def test_serve_with_no_cluster_answers_until_ctrl_c(user_env, tmp_path):
 
 def test_label_with_no_cluster_then_again_on_the_machines_cpus(user_env, tmp_path):
     """`python -m jobs.label` with no Ray running, on this machine's CPUs (2 here), twice: the second run is
-    a resumed one, where Ray Data's checkpoint filter holds a whole CPU beside the decode and the model. It
-    must find everything done and write nothing, not wait for a CPU forever."""
+    a resumed one, whose aggregation of the inputs with the done ids needs CPUs of its own before the model's
+    actor takes its share. It must find everything done, read nothing and write nothing, not wait for a CPU
+    forever."""
     classes = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
     write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
     promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
@@ -264,7 +264,7 @@ def test_label_with_no_cluster_then_again_on_the_machines_cpus(user_env, tmp_pat
     again = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, _tail(again)
     assert "labeled 0 input(s)" in again.stdout and "holds 30 row(s), 0 with an error" in again.stdout
-    assert "1 for Ray Data's checkpoint filter (resuming)" in again.stdout + again.stderr
+    assert "0 unit(s) to read" in again.stdout + again.stderr
 
 
 def test_demo_arguments_are_checked_before_anything_starts(capsys, monkeypatch):

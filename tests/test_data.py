@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from braceexpand import braceexpand
 from PIL import Image
 
 from pipelines import preprocess, storage
@@ -749,6 +750,46 @@ def test_malformed_labels_become_counted_errors_and_folders_are_part_of_the_key(
     assert rows["a/001"]["label"] == 0 and rows["b/001"]["label"] == 1  # two samples, not one merged
 
 
+def test_a_members_type_is_its_last_extension_as_webdataset_reads_it(tmp_path):
+    """``a.b.jpg`` is sample ``a``'s image (webdataset's field ``b.jpg``, decoded as a jpg), and ``c.x.cls``
+    sample ``c``'s label; taken as the type ``b.jpg``, the image was lost ("no image member")."""
+    path = tmp_path / "dotted.tar"
+    _write_tar(path, [("a.b.jpg", _jpeg()), ("a.cls", b"1"), ("c.x.jpg", _jpeg()), ("c.x.cls", b"0")])
+    rows = {r["key"]: r for r in _rows_of(path)}
+    assert set(rows) == {"a", "c"} and all(r["error"] is None and r["image"] for r in rows.values())
+    assert rows["a"]["label"] == 1 and rows["c"]["label"] == 0
+
+
+def test_members_of_a_key_that_come_back_later_are_a_row_of_their_own(tmp_path):
+    """A foreign tar with ``a``'s label after ``b``: webdataset would make two samples named ``a`` (two rows
+    with one id). The first stands; the stray members are one malformed row known by key and position."""
+    path = tmp_path / "scattered.tar"
+    _write_tar(path, [("a.jpg", _jpeg()), ("b.jpg", _jpeg()), ("b.cls", b"1"), ("a.cls", b"0"), ("c.jpg", _jpeg()),
+                      ("c.cls", b"2")])  # fmt: skip
+    rows = _rows_of(path)
+    assert [r["key"] for r in rows] == ["a", "b", "a@2", "c"]
+    assert rows[2]["problem"] == reader.MALFORMED and "not adjacent" in rows[2]["error"]
+    assert rows[0]["problem"] == reader.MALFORMED  # a's first members lack the label that came later
+    assert rows[1]["error"] is None and rows[3]["error"] is None
+
+
+def test_a_tar_cut_between_two_members_is_reported_without_a_manifest_count(tmp_path):
+    """Python's tarfile takes a tar that stops right after a member for a clean end; only the missing
+    end-of-archive blocks tell. Without a manifest count, that is a truncated row; with one, the samples it
+    lacks are counted as missing (and a whole tar is not reported)."""
+    path = tmp_path / "whole.tar"
+    _write_tar(path, [("a.jpg", _jpeg()), ("a.cls", b"0"), ("b.jpg", _jpeg()), ("b.cls", b"1")])
+    data = path.read_bytes()
+    assert [r["key"] for r in _rows_of(path)] == ["a", "b"]  # ends with its end-of-archive blocks
+    member = 512 + len(_jpeg()) + (-len(_jpeg()) % 512) + 1024  # a.jpg, padded, and a.cls
+    path.write_bytes(data[:member])  # cut exactly after sample a
+    rows = _rows_of(path)
+    assert [r["key"] for r in rows] == ["a", "@1"]
+    assert rows[1]["problem"] == reader.TRUNCATED and "end-of-archive" in rows[1]["error"]
+    rows = _rows_of(path, expected=2)
+    assert [(r["key"], r["problem"]) for r in rows] == [("a", None), ("@1", reader.MISSING)]
+
+
 @pytest.mark.slow  # prepare writes shards in worker processes
 def test_tiny_images_are_kept(tmp_path):
     (tmp_path / "src" / "dot").mkdir(parents=True)
@@ -842,6 +883,21 @@ def test_training_runs_on_an_adopted_corpus(adopted, tmp_path):
                                 epochs=1, batch_size=16, num_workers=1, max_bad_fraction=0.05)  # fmt: skip
     result = fit(cfg)
     assert result.error is None and result.metrics["val_samples"] == 24
+
+
+def test_samples_in_both_train_and_val_are_reported(foreign_corpus, ray_cluster, tmp_path):
+    """A val shard that repeats two training keys (a sample trained on and evaluated on): the adopt names them
+    in the manifest and the log; the rest adopts as before."""
+    first = next(iter(braceexpand(foreign_corpus["train"])))
+    with storage.open_stream(first) as f:
+        repeated = [r["key"] for b in reader.read_tar(f, first) for r in b.to_pylist()][:2]
+    path = tmp_path / "val.tar"
+    _write_tar(path, [m for k in [*repeated, "fresh"] for m in ((f"{k}.jpg", _jpeg()), (f"{k}.cls", b"0"))])
+    storage.upload_file(path, "s3://corpora/overlap/val-0000.tar")
+    manifest = adopt({"train": foreign_corpus["train"], "val": "s3://corpora/overlap/val-0000.tar"},
+                     "s3://datasets/adopted-overlap")  # fmt: skip
+    assert manifest["train_val_overlap"] == {"samples": 2, "examples": repeated}
+    assert manifest["splits"]["val"]["samples"] == 3
 
 
 def test_a_shard_that_cannot_be_opened_is_reported_and_left_out(adopted, foreign_corpus, sample_images, tmp_path):

@@ -37,8 +37,8 @@ from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
 
-from pipelines.cluster import SERVE_ENV, plan_training_cpus
-from pipelines.label.job import plan_label_cpus
+from pipelines.cluster import SERVE_ENV, Capacity, plan_training_cpus
+from pipelines.label.job import plan_for
 from pipelines.serve.deploy import deployment_options, plan_serving_resources
 from pipelines.serve.settings import ServeSettings
 
@@ -687,8 +687,8 @@ def test_the_labeling_job_runs_jobs_label_with_a_plan_that_fits_its_cluster(monk
     spec = cluster_spec(job)
     assert sum(n["GPU"] for n in cluster_nodes(spec, "maxReplicas")) >= cfg.replicas[1]
     assert sum(n["GPU"] for n in cluster_nodes(spec, "minReplicas")) >= cfg.replicas[0]
-    free = sum(n["CPU"] for n in cluster_nodes(spec, "minReplicas"))
-    plan_label_cpus(free, cfg.replicas, cfg.use_gpu, resuming=True)  # a rerun, the tighter plan: no error
+    nodes = tuple(cluster_nodes(spec, "minReplicas"))
+    plan_for(cfg, Capacity(nodes), free_cpus=lambda: sum(n["CPU"] for n in nodes))  # at its smallest: no error
 
 
 def test_an_entrypoint_the_cli_refuses_fails_the_check(monkeypatch):

@@ -131,8 +131,8 @@ def test_listing_and_resolving_cost_few_requests(store):
     assert dict(store.counts) == {"LIST": 2}
 
     store.reset_counts()
-    units = resolve(f"{BUCKET}/many/{{00100..00139}}.tar")
-    assert len(units) == 40 and dict(store.counts) == {"LIST": 1}
+    inputs = resolve(f"{BUCKET}/many/{{00100..00139}}.tar")
+    assert len(inputs.units) == 40 and dict(store.counts) == {"LIST": 1}
 
     uris = [f"{BUCKET}/many/{i:05d}.tar".replace("many/", f"folder{i}/") for i in range(24)]
     with ThreadPoolExecutor(8) as pool:

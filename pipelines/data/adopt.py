@@ -29,7 +29,7 @@ from webdataset.tariterators import base_plus_ext
 from pipelines import storage
 from pipelines.data.dataset import DatasetError, existing_manifest
 from pipelines.data.prepare import FORMAT, WNID, imagenet_names
-from pipelines.data.reader import IMAGE_SUFFIXES, parse_label
+from pipelines.data.reader import IMAGE_SUFFIXES, CountingReader, ends_between_members, member_type, parse_label
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ def shard_uris(pattern: str) -> list[str]:
     return uris
 
 
-class _HashingReader:
+class _HashingReader(CountingReader):
     """A read-only stream that hashes and counts what is read through it."""
 
     def __init__(self, stream):
-        self.stream, self.sha256, self.bytes = stream, hashlib.sha256(), 0
+        super().__init__(stream)
+        self.sha256 = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        data = super().read(size)
         self.sha256.update(data)
-        self.bytes += len(data)
         return data
 
     def drain(self) -> None:
@@ -66,9 +66,10 @@ class _HashingReader:
 
 
 def survey_shard(uri: str) -> dict:
-    """Stream one shard: its samples, labels (the distinct ones), bytes, sha256, and the error that cut it
-    short, if one did (a Ray task per shard, wherever the shard lives)."""
-    samples, unlabeled, labels, error = 0, 0, set(), None
+    """Stream one shard: its samples, labels (the distinct ones), keys, bytes, sha256, and the error that cut
+    it short, if one did (a Ray task per shard, wherever the shard lives). Samples are counted as
+    ``reader.read_tar`` makes rows of them, so the manifest's counts are the rows training reads."""
+    samples, unlabeled, strays, labels, keys, error = 0, 0, 0, set(), [], None
 
     def unreadable(why: str) -> dict:  # missing, forbidden, unreachable: reported, and left out of the manifest
         return {"uri": uri, "unreadable": why, "samples": 0, "labels": []}
@@ -82,10 +83,15 @@ def survey_shard(uri: str) -> dict:
         key, members = None, {}
 
         def close_sample() -> None:
-            nonlocal samples, unlabeled
+            nonlocal samples, unlabeled, strays
             if key is None:
                 return
             samples += 1
+            if key in seen:  # members that are not adjacent to their key's first: a malformed row
+                strays += 1
+                return
+            seen.add(key)
+            keys.append(key)
             try:
                 label = parse_label(members)
             except (ValueError, UnicodeDecodeError):
@@ -95,6 +101,7 @@ def survey_shard(uri: str) -> dict:
             else:
                 labels.add(label)
 
+        seen: set[str] = set()
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
@@ -104,10 +111,13 @@ def survey_shard(uri: str) -> dict:
                     if base != key:
                         close_sample()
                         key, members = base, {}
-                    suffix = suffix.lower()
+                    suffix = member_type(suffix)
                     # Labels are read; image bytes are only streamed past (and hashed).
-                    members[suffix] = tar.extractfile(member).read() if suffix in ("cls", "json") else b""
+                    if suffix not in members:  # the first member of a type counts, as in reader.read_tar
+                        members[suffix] = tar.extractfile(member).read() if suffix in ("cls", "json") else b""
             close_sample()
+            if ends_between_members(tar, stream):
+                error = f"ends after {samples} samples without the end-of-archive blocks: cut between two members?"
         except (tarfile.TarError, EOFError) as e:
             close_sample()
             error = f"truncated or corrupt after {samples} samples: {e}"
@@ -122,11 +132,32 @@ def survey_shard(uri: str) -> dict:
         "unreadable": None,
         "samples": samples,
         "unlabeled": unlabeled,
+        "strays": strays,
         "labels": sorted(labels),
+        "keys": "\n".join(keys),  # one string: a train split's 1.3 M keys are 40 MB, not 1.3 M objects
         "bytes": stream.bytes,
         "sha256": stream.sha256.hexdigest(),
         "error": error,
     }
+
+
+def _problems(surveyed: dict) -> list[str]:
+    """What is wrong with a surveyed shard, in words."""
+    said = [surveyed["error"]] if surveyed["error"] else []
+    if surveyed["unlabeled"]:
+        said.append(f"{surveyed['unlabeled']} samples without an image or a label")
+    if surveyed["strays"]:
+        said.append(f"{surveyed['strays']} samples whose members are not adjacent to their key's first")
+    return said
+
+
+def overlap(train_keys: list[str], val_keys: list[str]) -> list[str]:
+    """Keys in both splits (a sample that is trained on and evaluated on), in val's order. The smaller split's
+    keys become the set; the larger's are only streamed past it."""
+    small, large = sorted((train_keys, val_keys), key=len)
+    wanted = set(small)
+    both = {k for k in large if k in wanted}
+    return [k for k in val_keys if k in both]
 
 
 def _classes(labels: set[int], classes_file: str | None) -> list[dict]:
@@ -185,11 +216,15 @@ def adopt(splits: dict[str, str], dest: str, classes_file: str | None = None) ->
     log.info("%d shards, %d samples read in %.0f s", sum(map(len, uris.values())), total, time.monotonic() - start)
     labels = {label for rs in surveyed.values() for r in rs for label in r["labels"]}
     problems = unreadable + [
-        {"path": r["uri"], "reason": r["error"] or f"{r['unlabeled']} samples without an image or a label"}
-        for rs in surveyed.values()
-        for r in rs
-        if r["error"] or r["unlabeled"]
+        {"path": r["uri"], "reason": "; ".join(_problems(r))} for rs in surveyed.values() for r in rs if _problems(r)
     ]
+    both = []
+    if "train" in surveyed and "val" in surveyed:
+        keys = {split: [k for r in surveyed[split] for k in r["keys"].split("\n") if k] for split in ("train", "val")}
+        both = overlap(keys["train"], keys["val"])
+        if both:
+            log.warning("%d sample key(s) are in both train and val (trained on and evaluated on), e.g. %s",
+                        len(both), ", ".join(both[:5]))  # fmt: skip
     for p in problems:
         log.warning("shard %s: %s", p["path"], p["reason"])
     digests = "".join(r["sha256"] for split in sorted(surveyed) for r in surveyed[split])
@@ -219,6 +254,7 @@ def adopt(splits: dict[str, str], dest: str, classes_file: str | None = None) ->
             for split, rs in surveyed.items()
         },
         "skipped": problems,
+        "train_val_overlap": {"samples": len(both), "examples": both[:20]},
     }
     storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
     return manifest

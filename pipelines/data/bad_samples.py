@@ -44,6 +44,8 @@ class BadSampleCounter:
         self.bad_keys: dict[int, set[str]] = {}  # epoch -> bad samples counted
         self.stop_reason: str | None = None
         self.failed: str | None = None  # the verdict of the report that passed the limit
+        self.tallied: dict[str, dict] = {}  # what else a job counts on the way: {what: {count, examples}}
+        self.tallied_blocks: set[tuple[str, str]] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,15 +55,23 @@ class BadSampleCounter:
         self.executions += 1
         return self.epoch if self.epoch is not None else self.executions - 1
 
-    def report(self, epoch: int, block: str | None, seen: int, bad: list[str]) -> str | None:
+    def report(
+        self, epoch: int, block: str | None, seen: int, bad: list[str], bad_count: int | None = None
+    ) -> str | None:
         """A decoded block: ``seen`` rows of which ``bad`` (keys) were skipped. ``block`` names it (None for
-        samples that failed later, on the device). Returns what is wrong when the limit is passed."""
+        samples that failed later, on the device). Returns what is wrong when the limit is passed. With
+        ``bad_count`` (labeling's millions of inputs), ``bad`` are only examples: counted, not kept."""
         if block is not None:
             counted = self.blocks.setdefault(epoch, set())
             if block in counted:
                 return self.failed  # a retried task: counted already
             counted.add(block)
             self.seen += seen
+        if bad_count is not None:
+            self.bad += bad_count
+            self.examples = (self.examples + bad)[:20]
+            self.failed = self.failed or self._verdict()
+            return self.failed
         known = self.bad_keys.setdefault(epoch, set())
         new = [k for k in bad if k not in known]
         known.update(new)
@@ -84,6 +94,19 @@ class BadSampleCounter:
                 f"{100 * self.max_fraction:.1f}% allowed); first keys: {self.examples[:5]}"
             )
         return None
+
+    def tally(self, what: str, count: int, examples: list[str], block: str) -> None:
+        """Something else a job counts on the way (labeling: inputs named more than once), once per ``block``
+        (a retried task reports its block again)."""
+        if (what, block) in self.tallied_blocks:
+            return
+        self.tallied_blocks.add((what, block))
+        entry = self.tallied.setdefault(what, {"count": 0, "examples": []})
+        entry["count"] += count
+        entry["examples"] = (entry["examples"] + examples)[:10]
+
+    def tallies(self) -> dict[str, dict]:
+        return self.tallied
 
     def counts(self) -> dict:
         return {"seen": self.seen, "bad": self.bad, "examples": self.examples}

@@ -32,15 +32,40 @@ INT64_MAX = 2**63 - 1
 UNREADABLE = "unreadable"  # the shard or file could not be read: missing, forbidden, or storage failing after retries
 TRUNCATED = "truncated"  # the tar breaks off (or is corrupt) at this sample
 MISSING = "missing"  # a sample the manifest counts that the tar did not deliver
-MALFORMED = "malformed"  # no image member, or no label / an unreadable one
+MALFORMED = "malformed"  # no image member, no label / an unreadable one, or members not adjacent
 UNDECODABLE = "undecodable"  # an image that cannot be decoded
 BAD_LABEL = "bad label"  # a label outside the data set's classes
+
+
+def member_type(suffix: str) -> str:
+    """What a member of a sample holds, by its last extension, as webdataset's decoders read it: the
+    member ``a.b.jpg`` is sample ``a``'s image (its field ``b.jpg``). The first member of a type counts."""
+    return suffix.rpartition(".")[2].lower()
+
+
+class CountingReader:
+    """A read-only stream that counts the bytes read through it (see ``ends_between_members``)."""
+
+    def __init__(self, stream):
+        self.stream, self.bytes = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes += len(data)
+        return data
+
+
+def ends_between_members(tar: tarfile.TarFile, stream: CountingReader) -> bool:
+    """Whether a tar that Python's tarfile read to its end stopped right after a member, without the
+    end-of-archive blocks every tar writer adds: the object was cut there (tarfile takes it for a clean end)."""
+    return tar.offset > 0 and stream.bytes <= tar.offset
 
 
 def sample_id(source: str, key: str | None = None) -> str:
     """The identity of an input, the same in every stage (training's bad-sample reports, labeling's rows and
     its checkpoint): the object's URI, and for a sample of a shard ``#`` and its WebDataset key. A sample the
-    shard did not deliver is known by its position only: ``#@<n>`` (its n-th sample)."""
+    shard did not deliver is known by its position only: ``#@<n>`` (its n-th sample); members of a key that
+    come back after other samples by key and position: ``#<key>@<n>``."""
     return source if key is None else f"{source}#{key}"
 
 
@@ -69,8 +94,13 @@ def parse_label(sample: dict[str, bytes]) -> int | None:
     return label
 
 
-def _row(shard: str, key: str, sample: dict[str, bytes]) -> dict:
-    """A raw sample as a row: the image bytes, the label (-1 if missing) and what is wrong with it, if anything."""
+def _row(shard: str, key: str, sample: dict[str, bytes], n: int, stray: bool = False) -> dict:
+    """A raw sample as a row: the image bytes, the label (-1 if missing) and what is wrong with it, if anything.
+    ``stray``: members of a key that came earlier in the shard, with other samples between (a WebDataset
+    reader would make two samples of one key): a row of their own, known by key and position."""
+    if stray:
+        error = f"members {sorted(sample)} of {key} are not adjacent to its first members (other samples between)"
+        return _error_row(shard, f"{key}{position(n)}", MALFORMED, error)
     image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
     try:
         label = parse_label(sample)
@@ -105,9 +135,11 @@ def read_tar(stream, shard: str, expected_samples: int | None = None, mark_last:
 
     rows: list[dict] = []
     key, sample, read, failed = None, {}, 0, None
+    seen: set[str] = set()  # the shard's keys so far: members of one that come back are not adjacent
     try:
         if isinstance(stream, OSError):
             raise stream
+        stream = CountingReader(stream)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isreg():
@@ -118,15 +150,21 @@ def read_tar(stream, shard: str, expected_samples: int | None = None, mark_last:
                     continue  # a file with no extension belongs to no sample
                 if base != key:
                     if key is not None:
-                        rows.append(_row(shard, key, sample))
+                        rows.append(_row(shard, key, sample, read, stray=key in seen))
+                        seen.add(key)
                         read += 1
                     key, sample = base, {}
-                sample[suffix.lower()] = tar.extractfile(member).read()
+                sample.setdefault(member_type(suffix), tar.extractfile(member).read())
                 if len(rows) >= BLOCK_ROWS:  # never the final block: the sample under way follows it
                     yield _block(rows, mark_last, last=False)
                     rows = []
         if key is not None:
-            rows.append(_row(shard, key, sample))
+            rows.append(_row(shard, key, sample, read, stray=key in seen))
+            read += 1
+        if expected_samples is None and ends_between_members(tar, stream):
+            rows.append(_error_row(shard, position(read), TRUNCATED, f"the tar ends after {key} without its "
+                                   "end-of-archive blocks: cut off between two members? (no manifest says how "
+                                   "many samples it held)"))  # fmt: skip
             read += 1
     except (tarfile.TarError, EOFError) as e:
         where = f"after {key}" if key else "at the start"

@@ -1,5 +1,6 @@
-"""What a labeling job reads: the inputs a user names, resolved into units (a tar shard or an image file),
-and the Ray Data datasource that turns units into rows of raw bytes, one row per input image.
+"""What a labeling job reads: the inputs a user names, enumerated as a stream of units (a tar shard or an
+image file), the units that are still to do, and the map that turns units into rows of raw bytes, one row
+per input image.
 
 ``--input`` may be
 - a prepared or adopted data set (a folder or prefix with manifest.json): its shards, one split or all;
@@ -7,7 +8,15 @@ and the Ray Data datasource that turns units into rows of raw bytes, one row per
   ``s3://b/p/shard-{000000..000127}.tar``;
 - a folder or prefix of image files (jpg, jpeg, png, webp), recursively;
 - a list of image URIs: a Parquet or CSV file (a ``path`` or ``uri`` column, else the first column) or a
-  text file (one per line).
+  text file (one per line); relative paths are relative to the working directory of the job's driver.
+
+A corpus of millions is never one list on the driver: ``resolve`` only looks at what the input is (its
+first page); a Ray task lists it page by page (S3's 1,000 keys per LIST, a list file's chunks), every URI
+normalised (``storage.normalise``) as it goes. ``pending_units`` is Ray Data operations over that stream:
+one hash aggregation by URI, on the cluster, counts each input's occurrences (a duplicate is labeled once
+and reported) and joins the ids the output already holds (a resumed job skips them before fetching a
+byte: an image done, or a shard whose every sample is done, is dropped; a shard partly done is read and its
+done samples skipped).
 
 Every row carries ``path``, the input's identity (``reader.sample_id``, the same in every stage): the
 image's URI, or the shard's URI + ``#`` + the sample key, or the shard's URI alone for a row about the whole
@@ -21,15 +30,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, replace
+from itertools import chain, islice
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from braceexpand import braceexpand  # webdataset's own dependency, for its brace patterns
+from ray.data.aggregate import AsList, Max, Sum
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -38,14 +51,19 @@ from pipelines.data.dataset import DataSet, DatasetError
 from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, UNREADABLE, open_shard, read_tar, sample_id
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
+LIST_CHUNK = 100_000  # URIs of a list file per block of the listing
 IMAGES_PER_TASK = 256  # image files read by one task (a shard is always one task)
 FETCH_THREADS = 8  # image files a read task fetches at once
 ARRIVED_BLOCK = 16  # image files handed to the decode together, as they arrive
+SHARD_ROW = ""  # the key under which a shard's own row (``sample_id(shard)``) is known among its samples' keys
 
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("problem", pa.string()),
                     ("error", pa.string())])  # fmt: skip
+# A unit of the listing, and an id the output holds, as the aggregation by ``uri`` takes them in.
+UNIT_SCHEMA = pa.schema([("uri", pa.string()), ("expected", pa.int64()), ("n", pa.int64()), ("done", pa.int64()),
+                         ("key", pa.string())])  # fmt: skip
 
 
 # An input that is gone or that we may not read (storage's FileNotFoundError, PermissionError: S3's 404 and
@@ -66,66 +84,220 @@ class Unit:
     uri: str
     kind: str  # "tar" | "image"
     expected: int | None = None
+    done: frozenset[str] = frozenset()  # keys of a shard's samples that the output already holds
 
 
-def resolve(spec: str, split: str | None = None) -> list[Unit]:
-    """The units ``spec`` names (see the module's docstring), in a stable order."""
+@dataclass(frozen=True)
+class Inputs:
+    """What ``--input`` names, resolved without enumerating it: the kind of its units, and either the units
+    themselves (a data set's shards, a brace pattern, one file: known from a manifest or a name) or how to
+    list them (``listing``: "folder" or "list")."""
+
+    spec: str  # where a listing lists (normalised: the listing runs in a Ray task, elsewhere)
+    kind: str  # "tar" | "image"
+    units: tuple[Unit, ...] = ()
+    listing: str | None = None
+    base: str = ""  # what relative paths of a list are relative to: the driver's working directory
+
+    def pages(self) -> Iterator[list[Unit]]:
+        """The units, a page at a time, normalised (see ``storage.normalise``)."""
+        if self.listing is None:
+            for i in range(0, len(self.units), LIST_CHUNK):
+                yield [replace(u, uri=storage.normalise(u.uri, self.base)) for u in self.units[i : i + LIST_CHUNK]]
+            return
+        left_out = 0
+        for page in storage.list_pages(self.spec) if self.listing == "folder" else list_chunks(self.spec):
+            if self.listing == "folder":
+                kept = [u for u in page if _kind(u) == self.kind]
+                left_out += len(page) - len(kept)
+                page = kept
+            yield [Unit(storage.normalise(u, self.base), self.kind) for u in page]
+        if left_out:
+            log.warning("%s: %d file(s) that are not %s were left out", self.spec, left_out,
+                        "tar shards" if self.kind == "tar" else "images")  # fmt: skip
+
+    def first(self, n: int = 1000) -> list[Unit]:
+        """The first units (at most about ``n``; for checks and tests)."""
+        return list(islice((u for page in self.pages() for u in page), n))
+
+
+def _kind(uri: str) -> str | None:
+    suffix = uri.rsplit(".", 1)[-1].lower()
+    return "tar" if suffix == "tar" else "image" if suffix in IMAGE_SUFFIXES else None
+
+
+def resolve(spec: str, split: str | None = None) -> Inputs:
+    """What ``spec`` names (see the module's docstring); an InputError when it names nothing to label.
+    Reads a manifest, a brace pattern's sizes, or the first page of a listing or list: never the whole."""
+    base = os.getcwd()
     if "{" in spec and "}" in spec:
         units = [Unit(u, "tar") for u in braceexpand(spec)]
+        if any(_kind(u.uri) != "tar" for u in units):
+            raise InputError(f"{spec}: a brace pattern names .tar shards (WebDataset's), not {units[0].uri}")
         sizes = storage.sizes([u.uri for u in units])  # one LIST where they share a folder, else HEADs at once
         missing = [u.uri for u in units if sizes[u.uri] is None]
         if missing:
             raise InputError(f"{len(missing)} of the {len(units)} shards of {spec} do not exist, e.g. {missing[0]}")
-        return units
+        return Inputs(spec, "tar", tuple(units), base=base)
     if storage.exists(storage.join(spec, "manifest.json")):
         try:
             data = DataSet.load(spec)
             splits = [split] if split else data.splits
-            return [Unit(s.uri, "tar", s.samples) for name in splits for s in data.shards(name)]
+            units = [Unit(s.uri, "tar", s.samples) for name in splits for s in data.shards(name)]
         except (DatasetError, ValueError, KeyError) as e:  # a manifest that is not ours, or damaged
             raise InputError(f"{spec}/manifest.json: {e}") from None
+        return Inputs(spec, "tar", tuple(units), base=base)
     if spec.lower().endswith(LIST_SUFFIXES) and storage.exists(spec):
-        return [Unit(u, "image") for u in read_list(spec)]
+        inputs = Inputs(storage.normalise(spec, base), "image", listing="list", base=base)
+        if not inputs.first(1):
+            raise InputError(f"{spec} lists no image URIs")
+        return inputs
     if split:
         raise InputError(f"--split {split}: {spec} is no prepared data set (no manifest.json)")
-    one_file = storage.parse(spec).key and not spec.endswith("/") and storage.head(spec) is not None
-    files = [spec] if one_file else storage.list_files(spec)  # one file, or a folder / prefix
-    tars = [f for f in files if f.lower().endswith(".tar")]
-    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES]
-    if tars and images:
+    if storage.parse(spec).key and not spec.endswith("/") and storage.head(spec) is not None:  # one file
+        kind = _kind(spec)
+        if kind is None:
+            raise InputError(f"{spec} is neither a .tar shard nor an image ({', '.join(IMAGE_SUFFIXES)})")
+        return Inputs(spec, kind, (Unit(spec, kind),), base=base)
+    kinds: set = set()
+    for page in storage.list_pages(spec):  # a folder or prefix: its first page with shards or images says
+        kinds = {_kind(u) for u in page} - {None}  # what it holds
+        if kinds:
+            break
+    if kinds == {"tar", "image"}:
         raise InputError(f"{spec} holds both .tar shards and image files: name one kind (a subfolder, or a list)")
-    if len(tars) + len(images) < len(files):
-        log.warning("%s: %d file(s) neither .tar nor an image (%s) are left out", spec,
-                    len(files) - len(tars) - len(images), ", ".join(IMAGE_SUFFIXES))  # fmt: skip
-    if tars:
-        return [Unit(f, "tar") for f in tars]
-    if not images:
+    if not kinds:
         raise InputError(
             f"{spec} holds no manifest.json, no .tar shards and no images ({', '.join(IMAGE_SUFFIXES)}); "
             "a list of image URIs must end in .parquet, .csv or .txt"
         )
-    return [Unit(f, "image") for f in images]
+    return Inputs(storage.normalise(spec, base), kinds.pop(), listing="folder", base=base)
 
 
-def read_list(uri: str) -> list[str]:
-    """Image URIs from a Parquet, CSV or text file."""
-    data = storage.read_bytes(uri)
+def list_chunks(uri: str) -> Iterator[list[str]]:
+    """Image URIs from a Parquet, CSV or text file, LIST_CHUNK at a time (a Parquet file's ``path`` or
+    ``uri`` column, else its first; a CSV file's column of that name in its header, else its first column)."""
     lower = uri.lower()
+    fs, path = storage.filesystem(uri)
     if lower.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        column = next((c for c in ("path", "uri") if c in table.column_names), table.column_names[0])
-        values = table.column(column).to_pylist()
-    elif lower.endswith(".csv"):
-        rows = list(csv.reader(io.StringIO(data.decode())))
-        header = [h.strip().lower() for h in rows[0]] if rows else []
-        index = next((header.index(c) for c in ("path", "uri") if c in header), None)
-        values = [r[index or 0] for r in rows[1 if index is not None else 0 :] if r]
-    else:
-        values = data.decode().splitlines()
-    uris = [v.strip() for v in values if v and v.strip()]
-    if not uris:
-        raise InputError(f"{uri} lists no image URIs")
-    return uris
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            column = next((c for c in ("path", "uri") if c in names), names[0])
+            for batch in parquet.iter_batches(batch_size=LIST_CHUNK, columns=[column]):
+                yield [v.strip() for v in batch.column(0).to_pylist() if v and v.strip()]
+        return
+    with fs.open_input_stream(path) as raw:  # pyarrow's stream: a file object io.TextIOWrapper can wrap
+        lines = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        if lower.endswith(".csv"):
+            rows = csv.reader(lines)
+            first = next(rows, [])
+            header = [h.strip().lower() for h in first]
+            index = next((header.index(c) for c in ("path", "uri") if c in header), None)
+            values = (r[index or 0] for r in chain([] if index is not None else [first], rows) if r)
+        else:
+            values = (line.rstrip("\r\n") for line in lines)
+        while chunk := [v.strip() for v in islice(values, LIST_CHUNK) if v.strip()]:
+            yield chunk
+
+
+class ListingDatasource(Datasource):
+    """The units of ``Inputs`` as a stream of blocks (a page or chunk each), in one read task: the listing is
+    sequential (S3 pages by continuation token), and it is the cheap part of a job."""
+
+    def __init__(self, inputs: Inputs):
+        super().__init__()
+        self.inputs = inputs
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(lambda: map(_unit_table, self.inputs.pages()), meta, UNIT_SCHEMA)]
+
+    def get_name(self) -> str:
+        return "ListInputs"
+
+
+def _unit_table(page: list[Unit]) -> pa.Table:
+    return pa.table({"uri": [u.uri for u in page], "expected": pa.array([u.expected for u in page], pa.int64()),
+                     "n": pa.array(np.ones(len(page), np.int64)), "done": pa.array(np.zeros(len(page), np.int64)),
+                     "key": pa.nulls(len(page), pa.string())}, schema=UNIT_SCHEMA)  # fmt: skip
+
+
+def _done_table(batch: pa.Table, kind: str) -> pa.Table:
+    """Ids the output holds -> (uri of the image or shard, key of the sample or SHARD_ROW). A shard's URI ends
+    in .tar (``resolve`` takes no other), and its samples' ids go on with ``#`` and the key."""
+    ids = batch.column("path").to_pylist()
+    cut = [i.lower().find(".tar#") + 4 if kind == "tar" else -1 for i in ids]
+    uri = [i[:c] if c > 3 else i for i, c in zip(ids, cut)]
+    key = [i[c + 1 :] if c > 3 else SHARD_ROW for i, c in zip(ids, cut)]
+    n = len(ids)
+    return pa.table({"uri": uri, "expected": pa.nulls(n, pa.int64()), "n": pa.array(np.zeros(n, np.int64)),
+                     "done": pa.array(np.ones(n, np.int64)), "key": key}, schema=UNIT_SCHEMA)  # fmt: skip
+
+
+class KeepPending:
+    """After the aggregation by URI: drop what the output holds (an image done; a shard whose manifest count
+    of samples is done) and ids that are no input of this job; report inputs named more than once."""
+
+    def __init__(self, kind: str, counter):
+        self.kind, self.counter = kind, counter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        named = pc.greater(batch.column("n"), 0)
+        dupes = batch.filter(pc.greater(batch.column("n"), 1))
+        if dupes.num_rows:
+            extra = pc.sum(pc.subtract(dupes.column("n"), 1)).as_py()
+            examples = dupes.column("uri").slice(0, 5).to_pylist()
+            ray.get(self.counter.tally.remote("duplicates", extra, examples, examples[0]))
+        if self.kind == "image":
+            return batch.filter(pc.and_(named, pc.equal(batch.column("done"), 0))).select(["uri"])
+        uris, expected, done = [], [], []
+        columns = (batch.column(c).to_pylist() for c in ("uri", "expected", "done_keys", "n"))
+        for uri, count, keys, n in zip(*columns):
+            samples = len(keys) - (SHARD_ROW in keys)
+            if n == 0 or (count is not None and samples >= count):
+                continue  # no input of this job, or every sample done: not fetched again
+            uris.append(uri)
+            expected.append(count)
+            done.append(keys)
+        return pa.table({"uri": pa.array(uris, pa.string()), "expected": pa.array(expected, pa.int64()),
+                         "done_keys": pa.array(done, pa.list_(pa.string()))})  # fmt: skip
+
+
+def pending_units(
+    inputs: Inputs, done_files: list[str], fs: pa.fs.FileSystem, counter, partitions: int = 16
+) -> ray.data.Dataset:
+    """The units still to label, as a Dataset: the listing's stream and the ids of the output's files
+    (``done_files``), aggregated by URI on the cluster (see the module's docstring). ``counter`` (a
+    ``BadSampleCounter``) is told how many inputs were named more than once."""
+    units = ray.data.read_datasource(ListingDatasource(inputs), override_num_blocks=1)
+    if done_files:
+        done = ray.data.read_parquet(done_files, filesystem=fs, columns=["path"])
+        done = done.map_batches(_done_table, fn_kwargs={"kind": inputs.kind}, batch_format="pyarrow", batch_size=None)
+        units = units.union(done)
+    aggregations = [Sum("n", alias_name="n"), Max("expected", alias_name="expected"), Sum("done", alias_name="done")]
+    if inputs.kind == "tar":
+        aggregations.append(AsList("key", alias_name="done_keys", ignore_nulls=True))
+    units = units.groupby("uri", num_partitions=partitions).aggregate(*aggregations)
+    return units.map_batches(KeepPending(inputs.kind, counter), batch_format="pyarrow", batch_size=None)
+
+
+class ReadUnits:
+    """map_batches over pending units: their rows of raw bytes (see ``_tar_rows``, ``_image_rows``)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        if self.kind == "image":
+            yield from _image_rows([Unit(u, "image") for u in batch.column("uri").to_pylist()])
+            return
+        columns = (batch.column(c).to_pylist() for c in ("uri", "expected", "done_keys"))
+        for uri, expected, done in zip(*columns):
+            yield from _tar_rows(Unit(uri, "tar", expected, frozenset(done or ())))
 
 
 def _error_table(path: str, problem: str, error: str) -> pa.Table:
@@ -138,6 +310,7 @@ def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
     be read, or breaks off: its samples before that, then one row for the shard itself that says what
     happened and, when the manifest knows the count, how many samples are missing."""
     broken, samples = None, 0
+    skip = unit.done
     with open_shard(unit.uri) as stream:  # one that cannot be opened: read_tar makes its error the rows
         for block in read_tar(stream, unit.uri, unit.expected):
             rows = []
@@ -146,14 +319,16 @@ def _tar_rows(unit: Unit) -> Iterator[pa.Table]:
                 if problem in (TRUNCATED, MISSING, UNREADABLE):
                     broken = broken or (problem, error)  # the first says where the tar broke
                     continue
+                samples += 1
+                if key in skip:
+                    continue  # the output holds it (a resumed job)
                 if image is not None:  # a label problem: labeling needs no label
                     problem = error = None
                 rows.append({"path": sample_id(unit.uri, key), "image": image, "label": None if label < 0 else label,
                              "problem": problem, "error": error})  # fmt: skip
-                samples += 1
             if rows:
                 yield pa.Table.from_pylist(rows, schema=SCHEMA)
-    if broken:
+    if broken and SHARD_ROW not in skip:
         problem, error = broken
         if unit.expected is not None:
             missing = f"{unit.expected - samples} of its {unit.expected} samples are missing"
@@ -184,38 +359,3 @@ def _image_rows(units: list[Unit]) -> Iterator[pa.Table]:
             rows = [f.result() for f in arrived]
             ahead += [pool.submit(_image_row, u) for u in islice(pending, ARRIVED_BLOCK)]
             yield pa.Table.from_pylist(rows, schema=SCHEMA)
-
-
-class InputDatasource(Datasource):
-    """Units -> rows (path, image bytes, label or null, problem and error or null): one read task per shard
-    or per IMAGES_PER_TASK image files. Never fails a read for bad data, nor for an input that storage
-    cannot deliver (UNREADABLE_ERRORS)."""
-
-    def __init__(self, units: list[Unit]):
-        super().__init__()
-        self.units = units
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    @property
-    def num_tasks(self) -> int:
-        """Read tasks: one per shard, one per IMAGES_PER_TASK image files (``override_num_blocks`` takes
-        this, so that Ray neither splits the reads nor keeps them from fusing with the decode)."""
-        images = sum(u.kind == "image" for u in self.units)
-        return max(1, len(self.units) - images + math.ceil(images / IMAGES_PER_TASK))
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        tasks = []
-        images = [u for u in self.units if u.kind == "image"]
-        for unit in (u for u in self.units if u.kind == "tar"):
-            meta = BlockMetadata(num_rows=unit.expected, size_bytes=None, input_files=[unit.uri], exec_stats=None)
-            tasks.append(ReadTask(lambda u=unit: _tar_rows(u), meta, SCHEMA))
-        for i in range(0, len(images), IMAGES_PER_TASK):
-            group = images[i : i + IMAGES_PER_TASK]
-            meta = BlockMetadata(num_rows=len(group), size_bytes=None, input_files=None, exec_stats=None)
-            tasks.append(ReadTask(lambda g=group: _image_rows(g), meta, SCHEMA))
-        return tasks
-
-    def get_name(self) -> str:
-        return "LabelInputs"

@@ -9,11 +9,13 @@ Rows: ``path`` (the input's id), ``labels`` / ``names`` / ``probs`` (top-k), ``m
 labeled), ``label`` (the input's own label, where it has one: data sets and shards), and with
 ``embeddings`` the pooled features the head sees (both branches' CLS tokens, float16).
 
-Resumable with Ray Data's checkpointing (``CheckpointConfig``, id column ``path``): each write task records
-the ids it wrote, first as pending, then committed once its Parquet file is written; a rerun of the same
-command drops the committed ids right after the read (before decoding) and deletes a pending task's file,
-so the output ends with exactly one row per input. The checkpoint is kept after success, so a finished job
-run again writes nothing.
+Resumable: the output's Parquet files are the record of what is done. A file is there whole or not at all
+(S3 shows an object once its upload completes; a local file that a killed run left without its footer is
+deleted at the next start), so the ids in the files are exactly the inputs done. A rerun of the same command
+reads those ids (one column) and drops the inputs they name before fetching them (``inputs.pending_units``),
+so the output ends with exactly one row per input, and a finished job run again writes nothing. Ray Data's
+own checkpointing was used before: it filters after the read (every byte fetched again), in one actor that
+holds every id, and doubles the files.
 """
 
 from __future__ import annotations
@@ -21,33 +23,37 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
-import torch
-from ray.data.checkpoint import CheckpointConfig
 
 from pipelines import storage
-from pipelines.cluster import ResourcePlanError, connect
-from pipelines.data.reader import UNDECODABLE
-from pipelines.label.inputs import InputDatasource, resolve
-from pipelines.preprocess import MAX_PIXELS, eval_transform, normalize
+from pipelines.cluster import Capacity, ResourcePlanError, cluster_capacity, connect
+from pipelines.data.bad_samples import BadDataError, bad_sample_counter, surfaced
+from pipelines.data.reader import UNREADABLE
+from pipelines.label.inputs import IMAGES_PER_TASK, ReadUnits, pending_units, resolve
+from pipelines.label.model import ACTOR_MEMORY, GPU_BATCHES_IN_FLIGHT, Decode, Labeler
+from pipelines.preprocess import MAX_PIXELS
 from pipelines.registry.store import Registry
 
 log = logging.getLogger(__name__)
 
-ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_tiny_240 on CPU: 0.9 GiB)
 WRITE_CPUS = 0.1  # a Parquet write task (Ray Data's default, 1, would wait for a whole free CPU)
-CHECKPOINT_FOLDER = "_checkpoint"  # inside the output; pyarrow and Ray Data skip names starting with "_"
 JOB_RECORD = "_label_job.json"  # what the first run labeled with (see _pin_the_job)
 # The rows' format, recorded with the job: 2 added the ``problem`` column and gave a shard's own error row
-# its bare URI as id. An output of another format is not resumed into (its files would not read as one).
-OUTPUT_FORMAT = 2
+# its bare URI as id; 3 normalised the ids (storage.normalise). An output of another format is not resumed
+# into (its files would not read as one, or its ids would not match).
+OUTPUT_FORMAT = 3
+ROW_BYTES = 300  # about what a row of top-5 labels takes in Parquet (path, labels, names, probs, ...)
+FILE_BYTES = 128 * 2**20  # the most an output file holds by default (see LabelConfig.file_rows)
+SAMPLES_PER_SHARD = 1000  # about what a 256 MB shard of ImageNet holds: the rows a shard is taken for
+RETRYABLE = (UNREADABLE,)  # errors of storage, not of the data: what --retry-errors labels again
+SUPERSEDED = "-kept"  # a file rewritten without some rows is <name>-kept.parquet; it replaces <name>.parquet
 
 
 class LabelConfigError(ValueError):
@@ -64,146 +70,146 @@ class LabelConfig:
     version: int | None = None  # this version instead of the alias's
     split: str | None = None  # of a prepared data set; None: all
     top_k: int = 5
-    batch_size: int = 64  # images per model call
+    batch_size: int | None = None  # images per model call; None: 256 on a GPU, 64 on CPUs
     replicas: tuple[int, int] = (1, 1)  # the model's actor pool, min and max
     use_gpu: bool = False
+    gpus_per_actor: float = 1.0  # a fraction lets several actors share a GPU
+    decode_on_gpu: bool = False  # JPEGs decoded and preprocessed on the GPU (other formats on the CPUs)
+    compile: bool = False  # torch.compile the model in each actor
     embeddings: bool = False
     max_pixels: int = MAX_PIXELS
+    rows_per_file: int | None = None  # rows per output file; None: about FILE_BYTES of them
+    retry_errors: bool = False  # label again the rows whose error was storage's (RETRYABLE)
+    max_error_fraction: float = 0.5  # more inputs than this failing (after 100) stops the job
     free_cpu_wait_s: float = 20.0  # how long a plan that does not fit waits for CPUs that are being freed
+
+    def __post_init__(self) -> None:
+        if self.decode_on_gpu and not self.use_gpu:
+            raise LabelConfigError("--decode-on-gpu needs --use-gpu")
+        g = self.gpus_per_actor
+        if g <= 0 or (g > 1 and g != int(g)):
+            raise LabelConfigError("--gpus-per-actor: a fraction of one GPU, or a whole number of them")
+        if not 0 < self.max_error_fraction <= 1:
+            raise LabelConfigError("--max-error-fraction: more than 0, at most 1")
+
+    @property
+    def model_batch(self) -> int:
+        return self.batch_size or (256 if self.use_gpu else 64)
+
+    def file_rows(self, inputs: int) -> int:
+        """Rows per output file: ``rows_per_file``, else about FILE_BYTES of them, but at most a hundredth of
+        the job's ``inputs`` (at least 1,000). Each file is the commit of its rows: a job killed at any point
+        loses about a hundredth of its work, not a file's worth."""
+        row = ROW_BYTES + (2 * 1152 if self.embeddings else 0)  # crossvit_base's 2 CLS tokens, float16
+        return self.rows_per_file or max(1000, min(FILE_BYTES // row, inputs // 100))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The plan: one place that divides the cluster between the model's actors, the decode tasks and the writes
+# --------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LabelPlan:
-    """CPUs per decode task and per model actor."""
+    """What each model actor reserves (and the torch threads it runs: as many as its CPUs, so that it does
+    not take the cores of the decode tasks beside it) and what each decode task reserves."""
 
     decode_cpus: float
     actor_cpus: float
+    actor_gpus: float = 0.0
 
-    def describe(self, cluster_cpus: float, replicas: tuple[int, int], resuming: bool) -> str:
+    @property
+    def threads(self) -> int:
+        return max(1, round(self.actor_cpus))
+
+    def describe(self, where: str, replicas: tuple[int, int]) -> str:
+        gpus = f" and {self.actor_gpus:g} GPU" if self.actor_gpus else ""
         return (
-            f"CPU plan: {cluster_cpus:g} free CPUs; up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} "
-            f"each, decode tasks {self.decode_cpus:g} each, writes {WRITE_CPUS:g}"
-            + (", 1 for Ray Data's checkpoint filter (resuming)" if resuming else "")
+            f"plan for {where}: up to {replicas[1]} model actor(s) reserving {self.actor_cpus:g} CPU{gpus} each "
+            f"({self.threads} torch thread(s)), decode tasks {self.decode_cpus:g} CPU each, writes {WRITE_CPUS:g}"
         )
 
 
-def plan_label_cpus(cluster_cpus: float, replicas: tuple[int, int], use_gpu: bool, resuming: bool) -> LabelPlan:
-    """The model's actors, the decode tasks and the Parquet writes share the CPUs; a resumed run also has Ray
-    Data's checkpoint filter (an actor of 1 CPU, which Ray does not let us change). What the actors reserve
-    is lowered so that a decode task and a write always fit, or it is an error with the numbers: never a
-    pipeline waiting forever."""
-    filter_cpus = 1.0 if resuming else 0.0
-    wanted = 0.0 if use_gpu else 1.0
-    decode = 1.0 if cluster_cpus - filter_cpus - replicas[1] * wanted >= 1 else 0.5
-    spare = cluster_cpus - filter_cpus - decode - WRITE_CPUS
-    actor = wanted if replicas[1] * wanted <= spare else math.floor(100 * spare / replicas[1]) / 100
-    if spare < 0 or (not use_gpu and actor <= 0):
+def plan_label_cpus(
+    node_cpus: float, replicas: tuple[int, int], use_gpu: bool, gpus_per_actor: float = 1.0, nodes: int = 1
+) -> LabelPlan:
+    """Divide a node's CPUs (``node_cpus``: the most one node has, or what is free on a machine shared with
+    other work) for up to ``replicas[1]`` actors over ``nodes`` nodes.
+
+    On CPUs the model is the work: decoding and preprocessing an image costs a small part of what the model
+    spends on it (3 against 40 ms of a core for crossvit_tiny_240 here), so the actors of a node share all of
+    its CPUs but a tenth (at least 0.2: one decode task at a time) and the writes' share. A GPU actor reserves
+    1 CPU to feed its GPU (copies, results; the JPEG decode with ``decode_on_gpu``); the rest decodes."""
+    per_node = math.ceil(replicas[1] / max(1, nodes))
+    if use_gpu:
+        actor = 1.0 if node_cpus - per_node >= 1 else math.floor(100 * max(0, node_cpus - 0.3) / per_node) / 100
+        left = node_cpus - per_node * actor - WRITE_CPUS
+        decode = 1.0 if left >= 1 else math.floor(100 * left) / 100
+        actor_gpus = gpus_per_actor
+    else:
+        decode = 1.0 if node_cpus >= 10 else max(0.2, math.floor(10 * node_cpus) / 100)
+        actor = math.floor(100 * (node_cpus - decode - WRITE_CPUS) / per_node) / 100
+        actor_gpus = 0.0
+    if decode <= 0 or (not use_gpu and actor <= 0):
         raise ResourcePlanError(
-            f"the cluster has {cluster_cpus:g} free CPU(s): {replicas[1]} model actor(s), decode tasks, writes"
-            + (" and Ray Data's checkpoint filter (1 CPU, resuming)" if resuming else "")
-            + " do not fit. Fix: start Ray with more CPUs, use fewer --replicas, or add a node"
+            f"{node_cpus:g} CPU(s) on a node: {per_node} model actor(s), decode tasks and writes do not fit. Fix: "
+            "start Ray with more CPUs, use fewer --replicas, or add a node"
         )
-    return LabelPlan(decode, actor)
+    return LabelPlan(decode, actor, actor_gpus)
 
 
-def _plan_from_free_cpus(cfg: LabelConfig, resuming: bool) -> tuple[float, LabelPlan]:
-    """The plan for the CPUs free now (a Serve application or another job keeps what it holds). A job that
-    just ended in this process, or on the cluster, frees its actors' CPUs a few seconds after it returns, so a
-    plan that does not fit is tried again for ``cfg.free_cpu_wait_s`` before it is the error."""
-    deadline = time.monotonic() + cfg.free_cpu_wait_s
-    while True:
-        free = ray.available_resources().get("CPU", 0)
-        try:
-            return free, plan_label_cpus(free, cfg.replicas, cfg.use_gpu, resuming)
-        except ResourcePlanError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+def plan_for(cfg: LabelConfig, capacity: Capacity, free_cpus=None) -> tuple[str, LabelPlan]:
+    """The plan for this cluster. One that autoscales is planned for what it can become (its node types): it
+    may have no CPU now. A fixed one is planned for the CPUs free now (a Serve application or another job
+    keeps what it holds; ``free_cpus()`` says how many, and is asked again for ``cfg.free_cpu_wait_s``: a job
+    that just ended frees its actors' CPUs a few seconds after it returns). A plan whose actor no node can
+    ever hold is an error before anything starts."""
+    if cfg.use_gpu:
+        capacity.check_gpus("--use-gpu")
+    gpus = cfg.gpus_per_actor if cfg.use_gpu else 0
+    if not capacity.fits({"GPU": gpus}):
+        raise _no_node_holds({"GPU": gpus})
+    # The nodes a model actor goes to: with GPUs, GPU nodes; without, CPU nodes where there are any (a CPU job
+    # on a GPU node would hold a GPU machine for CPU work).
+    shapes = [r for r in capacity.shapes() if r.get("GPU", 0) >= gpus]
+    if not cfg.use_gpu:
+        shapes = [r for r in shapes if not r.get("GPU")] or shapes
+    node_cpus = max(r.get("CPU", 0) for r in shapes)
+    nodes = max(1, capacity.nodes_with("GPU" if cfg.use_gpu else "CPU"))
+    if capacity.autoscaling:
+        where = f"an autoscaling cluster (nodes of up to {node_cpus:g} CPUs)"
+        plan = plan_label_cpus(node_cpus, cfg.replicas, cfg.use_gpu, cfg.gpus_per_actor, nodes)
+    else:
+        free_cpus = free_cpus or (lambda: ray.available_resources().get("CPU", 0))
+        deadline = time.monotonic() + cfg.free_cpu_wait_s
+        while True:
+            free = free_cpus()
+            where = f"{free:g} free CPUs on {nodes} node(s)"
+            try:
+                if free < 1:  # Ray Data's aggregation of the inputs runs tasks of 1 CPU before the model starts
+                    raise ResourcePlanError("the aggregation of the inputs needs 1 CPU")
+                plan = plan_label_cpus(min(free, node_cpus), cfg.replicas, cfg.use_gpu, cfg.gpus_per_actor, nodes)
+                break
+            except ResourcePlanError as e:
+                if time.monotonic() > deadline:
+                    raise ResourcePlanError(f"the cluster has {free:g} free CPU(s): {e}") from None
+                time.sleep(0.5)
+    actor = {"CPU": plan.actor_cpus, "GPU": plan.actor_gpus}
+    if not capacity.fits(actor):
+        raise _no_node_holds(actor)
+    return where, plan
 
 
-class Decode:
-    """map_batches over raw rows: the evaluation transform at the model's input size -> pixels (uint8 NHWC;
-    zeros where the row has an error) beside path, label and error."""
-
-    def __init__(self, size: int, max_pixels: int):
-        self.size, self.max_pixels = size, max_pixels
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        paths = batch.column("path").to_pylist()
-        problems, errors = batch.column("problem").to_pylist(), batch.column("error").to_pylist()
-        pixels = np.zeros((len(paths), self.size, self.size, 3), np.uint8)
-        for i, data in enumerate(batch.column("image").to_pylist()):
-            if problems[i] is None:
-                try:
-                    pixels[i] = eval_transform(data, self.size, self.max_pixels)
-                except Exception as e:  # Pillow raises many types for damaged data
-                    problems[i], errors[i] = UNDECODABLE, f"cannot decode image: {type(e).__name__}: {e}"
-        labels = [-1 if v is None else v for v in batch.column("label").to_pylist()]
-        return {
-            "path": np.asarray(paths, dtype=object),
-            "pixels": pixels,
-            "label": np.asarray(labels, dtype=np.int64),
-            # "": none (numpy has no null string)
-            "problem": np.asarray([p or "" for p in problems], dtype=object),
-            "error": np.asarray([e or "" for e in errors], dtype=object),
-        }
+def _no_node_holds(actor: dict[str, float]) -> ResourcePlanError:
+    return ResourcePlanError(
+        f"no node, and no node type the autoscaler may add, can hold a model actor ({actor}). Fix: use "
+        "--gpus-per-actor 1 or less, or a node type with more CPUs or GPUs"
+    )
 
 
-class Labeler:
-    """The model's actor: loads the version once, labels batches of decoded rows."""
-
-    def __init__(
-        self, registry: str, model: str, version: int, top_k: int, embeddings: bool, use_gpu: bool, threads: int
-    ):
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        if not use_gpu:
-            # Ray gives an actor as many torch threads as CPUs it reserves (1 here), but the decode tasks
-            # beside it need a small part of the cores (about 3 ms of a core per image against the model's
-            # 40): the model takes the cores it shares with them.
-            torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
-        reg = Registry(registry)
-        self.version = reg.get(model, version)
-        self.model = reg.load(self.version, self.device)
-        self.names = [c["name"] for c in self.version.classes]
-        self.top_k, self.embeddings = min(top_k, len(self.names)), embeddings
-        self.dim = sum(norm.normalized_shape[0] for norm in self.model.norm)  # forward_features' width
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        problems = [str(p) or None for p in batch["problem"]]
-        errors = [str(e) or None for e in batch["error"]]
-        ok = np.array([p is None for p in problems])
-        n, k = len(errors), self.top_k
-        probs = np.zeros((n, k), np.float32)
-        labels = np.zeros((n, k), np.int64)
-        features = np.zeros((n, self.dim), np.float16)
-        if ok.any():
-            x = normalize(torch.from_numpy(batch["pixels"][ok]).to(self.device), self.device.type == "cuda")
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-                f = self.model.forward_features(x)
-                p = self.model.forward_head(f).float().softmax(dim=-1)
-            top = p.topk(k, dim=-1)
-            probs[ok], labels[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
-            features[ok] = f.float().cpu().numpy().astype(np.float16)
-        bad = pa.array(~ok)
-
-        def rows(values: np.ndarray, kind: pa.DataType) -> pa.Array:  # one fixed-size list per row, null if bad
-            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), values.shape[1], mask=bad)
-
-        names = np.asarray(self.names, dtype=object)[labels]
-        columns = {
-            "path": pa.array(list(batch["path"]), pa.string()),
-            "labels": rows(labels, pa.int64()),
-            "names": rows(names, pa.string()),
-            "probs": rows(probs, pa.float32()),
-            "model": pa.array([self.version.model] * n, pa.string()),
-            "version": pa.array([self.version.number] * n, pa.int64()),
-            "problem": pa.array(problems, pa.string()),
-            "error": pa.array(errors, pa.string()),
-            "label": pa.array([int(v) if v >= 0 else None for v in batch["label"]], pa.int64()),
-        }
-        if self.embeddings:
-            columns["embedding"] = rows(features, pa.float16())
-        return pa.table(columns)
+# --------------------------------------------------------------------------------------------------------
+# The output: its files are the record of what is done
+# --------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -213,17 +219,19 @@ class LabelResult:
     errors: int
     written: int  # rows this run wrote
     seconds: float
+    duplicates: int = 0  # inputs named more than once (labeled once)
 
     def summary(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
+        dupes = f"; {self.duplicates:,} input(s) named more than once, labeled once" if self.duplicates else ""
         return (
             f"labeled {self.written:,} input(s) in {self.seconds:.1f} s ({rate:.1f} images/s); the output holds "
-            f"{self.rows:,} row(s), {self.errors:,} with an error: {self.output}"
+            f"{self.rows:,} row(s), {self.errors:,} with an error{dupes}: {self.output}"
         )
 
 
 def labels_dataset(output: str) -> pads.Dataset:
-    """A labeling job's output as a pyarrow dataset (its Parquet files; the checkpoint folder is skipped)."""
+    """A labeling job's output as a pyarrow dataset (its Parquet files; names starting with ``_`` skipped)."""
     fs, path = storage.filesystem(output)
     return pads.dataset(path, filesystem=fs, format="parquet")
 
@@ -234,25 +242,58 @@ def read_labels(output: str, columns: list[str] | None = None) -> pa.Table:
     return labels_dataset(output).to_table(columns=columns)
 
 
-def _count(output: str) -> tuple[int, int]:
-    """(rows, rows with an error) of the output's Parquet files, read column by column."""
-    try:
-        dataset = labels_dataset(output)
-    except (FileNotFoundError, pa.ArrowInvalid):
-        return 0, 0
-    if not dataset.files:  # a run that failed before writing anything
-        return 0, 0
-    rows = dataset.count_rows()
-    errors = dataset.count_rows(filter=pads.field("error").is_valid())
-    return rows, errors
+def output_files(fs: pa.fs.FileSystem, path: str) -> list[str]:
+    """The output's complete data files. A file a killed run left without its footer (a local write cut
+    short; S3 never shows a part of an object) is deleted: its rows are not done. A file that a rewrite
+    without some rows replaced (``<name>-kept.parquet``, see ``_drop_rows``) is deleted if the rewrite
+    completed but the deletion did not."""
+    listed = fs.get_file_info(pa.fs.FileSelector(path, recursive=False, allow_not_found=True))
+    found = [f for f in listed if f.type == pa.fs.FileType.File and f.base_name.endswith(".parquet")]
+    found = [f for f in found if not f.base_name.startswith("_")]
+    files = []
+    for f in found:
+        try:
+            with fs.open_input_file(f.path) as handle:
+                pq.read_metadata(handle)
+        except (OSError, pa.ArrowInvalid) as e:
+            log.warning("deleting %s: a write cut short (%s); its rows are labeled again", f.path, e)
+            fs.delete_file(f.path)
+            continue
+        files.append(f.path)
+    for path in [p for p in files if p.removesuffix(".parquet") + f"{SUPERSEDED}.parquet" in files]:
+        log.warning("deleting %s: a rewrite of it without some rows is complete", path)
+        fs.delete_file(path)
+        files.remove(path)
+    return sorted(files)
 
 
-def _committed(fs: pa.fs.FileSystem, checkpoint_path: str) -> int:
-    """Ids the checkpoint has committed (written and recorded): what a run added is the difference. Counting
-    data files instead would count a killed run's uncommitted part, which the next run deletes."""
-    files = [f.path for f in fs.get_file_info(pa.fs.FileSelector(checkpoint_path, allow_not_found=True))
-             if f.path.endswith(".parquet") and ".pending" not in f.path]  # fmt: skip
-    return pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
+def _count(fs: pa.fs.FileSystem, files: list[str]) -> tuple[int, int]:
+    """(rows, rows with an error) of the output's files, from their footers and one column."""
+    if not files:
+        return 0, 0
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    return dataset.count_rows(), dataset.count_rows(filter=pads.field("error").is_valid())
+
+
+def _drop_rows(fs: pa.fs.FileSystem, files: list[str], problems: tuple[str, ...]) -> int:
+    """Rewrite each file that holds rows with one of ``problems`` without them (``<name>-kept.parquet``,
+    then the original deleted: see ``output_files`` for a run killed in between). Returns the rows dropped."""
+    dropped = 0
+    wanted = pa.array(problems, pa.string())
+    for path in files:
+        with fs.open_input_file(path) as f:
+            if not pc.any(pc.is_in(pq.read_table(f, columns=["problem"]).column("problem"), wanted)).as_py():
+                continue  # only the one column read
+            table = pq.read_table(f)
+        retry = pc.fill_null(pc.is_in(table.column("problem"), wanted), False)
+        n = pc.sum(retry.cast(pa.int64())).as_py()
+        kept = table.filter(pc.invert(retry))
+        if kept.num_rows:
+            with fs.open_output_stream(path.removesuffix(".parquet") + f"{SUPERSEDED}.parquet") as out:
+                pq.write_table(kept, out)
+        fs.delete_file(path)
+        dropped += n
+    return dropped
 
 
 def _job_record(cfg: LabelConfig, version: int) -> dict:
@@ -292,49 +333,72 @@ def _pin_the_job(cfg: LabelConfig, reg: Registry, resuming: bool) -> int:
     return number
 
 
+def _record_counts(cfg: LabelConfig, counts: dict) -> None:
+    """Add what the run counted (inputs named more than once) to the job record."""
+    record_uri = storage.join(cfg.output, JOB_RECORD)
+    record = json.loads(storage.read_bytes(record_uri))
+    record.update(counts)
+    storage.write_bytes(record_uri, json.dumps(record, indent=1).encode())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------------
+
+
 def label(cfg: LabelConfig) -> LabelResult:
     """Run (or resume) a labeling job; see the module's docstring."""
     start = time.perf_counter()
-    units = resolve(cfg.input, cfg.split)  # before Ray starts: a wrong input fails at once ...
-    storage.check_buckets([u.uri for u in units])  # ... as does storage we cannot reach or read
+    inputs = resolve(cfg.input, cfg.split)  # before Ray starts: a wrong input fails at once ...
+    storage.check_buckets([cfg.input, *(u.uri for u in inputs.first())])  # ... as does storage we cannot read
     connect()
     reg = Registry(cfg.registry)
     fs, out_path = storage.filesystem(cfg.output)
-    checkpoint_path = f"{out_path.rstrip('/')}/{CHECKPOINT_FOLDER}"
-    resuming = fs.get_file_info(checkpoint_path).type != pa.fs.FileType.NotFound
-    version = reg.get(cfg.model, _pin_the_job(cfg, reg, resuming))
-    before = _committed(fs, checkpoint_path)
-    free_cpus, plan = _plan_from_free_cpus(cfg, resuming)
-    log.info("%s", plan.describe(free_cpus, cfg.replicas, resuming))
-    log.info("labeling %d input unit(s) of %s with %s version %d", len(units), cfg.input, cfg.model, version.number)
-
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.checkpoint_config  # restored at the end: later pipelines of this process must not inherit it
-    checkpoint = CheckpointConfig(
-        id_column="path", checkpoint_path=checkpoint_path, delete_checkpoint_on_success=False, override_filesystem=fs
-    )
-    checkpoint.checkpoint_actor_pool_max_size = 1
-    ctx.checkpoint_config = checkpoint
+    files = output_files(fs, out_path)
+    version = reg.get(cfg.model, _pin_the_job(cfg, reg, resuming=bool(files)))
+    if cfg.retry_errors and files:
+        log.info("--retry-errors: %d row(s) of storage errors to label again", _drop_rows(fs, files, RETRYABLE))
+        files = output_files(fs, out_path)
+    before = _count(fs, files)[0]
+    where, plan = plan_for(cfg, cluster_capacity())
+    log.info("%s", plan.describe(where, cfg.replicas))
+    log.info("labeling %s with %s version %d (%d row(s) done before)", cfg.input, cfg.model, version.number, before)
+    counter = bad_sample_counter(cfg.max_error_fraction, min_samples=100)
     try:
-        _run(cfg, units, version, plan, fs, out_path)
-    finally:
-        ctx.checkpoint_config = previous
-    rows, errors = _count(cfg.output)
-    written = _committed(fs, checkpoint_path) - before
-    return LabelResult(cfg.output, rows, errors, written, time.perf_counter() - start)
+        _run(cfg, inputs, files, fs, out_path, version, plan, counter)
+    except Exception as e:
+        verdict = ray.get(counter.verdict.remote())
+        if verdict:
+            raise BadDataError(f"stopped: too many inputs fail. {verdict}") from None
+        raise surfaced(e) from e
+    tallies = ray.get(counter.tallies.remote())
+    duplicates = tallies.get("duplicates", {"count": 0, "examples": []})
+    if duplicates["count"]:
+        log.warning("%d input(s) were named more than once (each labeled once), e.g. %s", duplicates["count"],
+                    ", ".join(duplicates["examples"][:3]))  # fmt: skip
+    _record_counts(cfg, {"duplicates": duplicates})
+    rows, errors = _count(fs, output_files(fs, out_path))
+    return LabelResult(cfg.output, rows, errors, rows - before, time.perf_counter() - start, duplicates["count"])
 
 
-def _run(cfg: LabelConfig, units: list, version, plan: LabelPlan, fs: pa.fs.FileSystem, out_path: str) -> None:
-    """The Ray Data pipeline: read + decode (CPU tasks) -> the model (actor pool) -> Parquet."""
-    # Read and decode ask for the same CPUs, so Ray fuses them into one task per shard.
-    source = InputDatasource(units)
-    ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=plan.decode_cpus)
-    ds = ds.map_batches(
-        Decode(version.image_size, cfg.max_pixels), batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus
-    )
-    # Torch threads per model actor: the cores, shared by the actors (of the whole cluster, not of what is free
-    # now: a job that just ended may still hold some for a moment; each actor caps it at its node's cores).
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.replicas[1]))
+def _run(cfg: LabelConfig, inputs, files: list[str], fs, out_path: str, version, plan: LabelPlan, counter) -> None:
+    """The Ray Data pipelines: the pending units (materialized in the object store: an aggregation returns
+    nothing before it has seen all its input anyway, and its tasks then have the CPUs before the model's
+    actors take theirs), then read + decode (CPU tasks) -> the model (actor pool) -> Parquet."""
+    # In blocks of one shard, or of IMAGES_PER_TASK image files: the unit of a read task.
+    units = pending_units(inputs, files, fs, counter)
+    units = units.repartition(target_num_rows_per_block=1 if inputs.kind == "tar" else IMAGES_PER_TASK).materialize()
+    count = units.count()
+    log.info("%d unit(s) to read (%s)", count, "shards" if inputs.kind == "tar" else "image files")
+    file_rows = cfg.file_rows(count * (SAMPLES_PER_SHARD if inputs.kind == "tar" else 1))
+    # Read and decode ask for the same CPUs, so Ray fuses them into one task per block of units. Ray merges
+    # a read's blocks up to its target block size (128 MiB) before the fused decode sees them, so a task
+    # fetches its 256 image files (or its shard) before it decodes any of them. A 4 MiB target hands them
+    # on as they arrive, but made the job 22 % slower on local files (steady 23.6 against 30.1 img/s, 2
+    # cores: smaller blocks all the way to the model); see benchmarks/RESULTS.md.
+    ds = units.map_batches(ReadUnits(inputs.kind), batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus)
+    decode = Decode(version.image_size, cfg.max_pixels, pass_jpegs=cfg.decode_on_gpu)
+    ds = ds.map_batches(decode, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         Labeler,
         fn_constructor_kwargs={
@@ -344,21 +408,26 @@ def _run(cfg: LabelConfig, units: list, version, plan: LabelPlan, fs: pa.fs.File
             "top_k": cfg.top_k,
             "embeddings": cfg.embeddings,
             "use_gpu": cfg.use_gpu,
-            "threads": threads,
+            "threads": plan.threads,
+            "compile": cfg.compile,
+            "counter": counter,
+            "max_pixels": cfg.max_pixels,
         },
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.replicas[0], max_size=cfg.replicas[1]),
+        batch_size=cfg.model_batch,
+        # A GPU actor works on GPU_BATCHES_IN_FLIGHT batches at once, each in a thread (and CUDA stream) of its
+        # own: Ray Data runs the calls concurrently with enable_true_multi_threading (pipelines/label/model.py).
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.replicas[0],
+            max_size=cfg.replicas[1],
+            max_concurrent_calls_per_actor=GPU_BATCHES_IN_FLIGHT if cfg.use_gpu else None,
+            enable_true_multi_threading=cfg.use_gpu,
+        ),
         num_cpus=plan.actor_cpus,
-        num_gpus=1 if cfg.use_gpu else 0,
+        num_gpus=plan.actor_gpus,
         # What the model's actor holds (weights, a batch's activations). Remote arguments that differ from the
         # decode's also keep Ray Data from fusing the decode into the actor: decoding runs in CPU tasks beside
         # the model, not in turn with it.
         memory=ACTOR_MEMORY,
         batch_format="numpy",
     )
-    # Ray merges a read's blocks up to its target block size (128 MiB) before the fused decode sees them, so
-    # a task fetches its 256 image files (or its shard) before it decodes any of them. A 4 MiB target hands
-    # them on as they arrive, but made the job 22 % slower on local files (steady 23.6 against 30.1 img/s,
-    # 2 cores: smaller blocks all the way to the model); at the S3 profile the job runs at 0.98 of loopback
-    # without it (benchmarks/RESULTS.md).
-    ds.write_parquet(out_path, filesystem=fs, ray_remote_args={"num_cpus": WRITE_CPUS})
+    ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=file_rows, ray_remote_args={"num_cpus": WRITE_CPUS})

@@ -22,7 +22,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines import storage
-from pipelines.cluster import check_shared_path, connect, plan_training_cpus
+from pipelines.cluster import check_shared_path, cluster_capacity, connect, plan_training_cpus
 from pipelines.data.bad_samples import bad_sample_counter
 from pipelines.data.dataset import DataSet
 from pipelines.data.ingest import read_split
@@ -117,13 +117,16 @@ def fit(cfg: TrainConfig, datasets: dict | None = None, *, allow_changes: bool =
     }
 
     workers = scaling(cfg.num_workers)
+    capacity = cluster_capacity()  # what the cluster can become: an autoscaling one may have no CPU yet
+    if cfg.use_gpu:
+        capacity.check_gpus("use_gpu")
     plan = plan_training_cpus(
-        ray.cluster_resources().get("CPU", 0.0),
+        capacity.most("CPU"),
         workers,
         use_gpu=cfg.use_gpu,
         cpus_per_worker=cfg.resources_per_worker.get("CPU"),
         min_ingest_cpus=cfg.min_ingest_cpus,
-        cpu_nodes=sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0),
+        cpu_nodes=capacity.nodes_with("CPU"),
     )
     log.info("CPU plan: %s", plan.describe())
     loop_config = dict(run_config)
