@@ -168,6 +168,22 @@ def write_run(run_uri: str, top1s: list[float | None], classes: list[dict], seed
         record_epoch(run_uri, metrics)
 
 
+def label_command(tmp_path: Path, images: int, classes: list[dict]) -> list[str]:
+    """`python -m jobs.label` as a user types it: over ``images`` small JPEGs in tmp_path/images, with "tiny"
+    version 1 (untrained, ``classes``) promoted in tmp_path/registry, into tmp_path/labels."""
+    from PIL import Image
+
+    from pipelines.registry.promote import promote
+
+    write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
+    promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
+    (tmp_path / "images").mkdir()
+    for i in range(images):
+        Image.new("RGB", (64, 48), (8 * i % 256, 100, 200)).save(tmp_path / "images" / f"{i}.jpg")
+    return [sys.executable, "-m", "jobs.label", "--input", str(tmp_path / "images"), "--output",
+            str(tmp_path / "labels"), "--registry", str(tmp_path / "registry"), "--model", "tiny"]  # fmt: skip
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels and holds none: a decompression bomb's header."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-from helpers import stop_ray, write_run
+from helpers import label_command, stop_ray, write_run
 from PIL import Image
 
 from pipelines import storage
@@ -251,14 +251,7 @@ def test_label_with_no_cluster_then_again_on_the_machines_cpus(user_env, tmp_pat
     actor takes its share. It must find everything done, read nothing and write nothing, not wait for a CPU
     forever."""
     classes = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
-    write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
-    promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(30):
-        Image.new("RGB", (64, 48), (8 * i, 100, 200)).save(images / f"{i}.jpg")
-    cmd = [sys.executable, "-m", "jobs.label", "--input", str(images), "--output", str(tmp_path / "labels"),
-           "--registry", str(tmp_path / "registry"), "--model", "tiny"]  # fmt: skip
+    cmd = label_command(tmp_path, 30, classes)
     first = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and "labeled 30 input(s)" in first.stdout, _tail(first)
     again = subprocess.run(cmd, cwd=REPO, env=user_env, capture_output=True, text=True, timeout=300)

@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import autoscaling_cluster, write_run
-from PIL import Image
+from helpers import autoscaling_cluster, label_command
 
 from pipelines.data.dataset import load_manifest
 from pipelines.label.job import read_labels
-from pipelines.registry.promote import promote
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,15 +36,7 @@ def test_label_and_train_on_a_cluster_that_starts_with_no_cpu(empty_cluster, sam
     """`python -m jobs.label`, then (once the idle node is gone again) `python -m jobs.train`, as a user submits
     them: each plans for the node type the autoscaler may add, the autoscaler adds the node, the job finishes."""
     assert _nodes(empty_cluster) == 1  # the head alone
-    classes = load_manifest(sample_shards)["classes"]
-    write_run(str(tmp_path / "runs" / "a"), [50.0], classes)
-    promote(str(tmp_path / "runs" / "a"), str(tmp_path / "registry"), "tiny")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(12):
-        Image.new("RGB", (64, 48), (20 * i, 100, 200)).save(images / f"{i}.jpg")
-    cmd = [sys.executable, "-m", "jobs.label", "--input", str(images), "--output", str(tmp_path / "labels"),
-           "--registry", str(tmp_path / "registry"), "--model", "tiny"]  # fmt: skip
+    cmd = label_command(tmp_path, 12, load_manifest(sample_shards)["classes"])
     done = subprocess.run(cmd, cwd=REPO, env=empty_cluster["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "plan for an autoscaling cluster (nodes of up to 2 CPUs)" in done.stderr

@@ -60,6 +60,19 @@ def registry(ray_cluster, sample_shards):
     return {"data": data, "manifest": manifest}
 
 
+def sample_memory_growth() -> tuple[list[int], threading.Event]:
+    """Samples how far this process's RSS has grown, every 50 ms, into the list, until the event is set."""
+    proc = psutil.Process()
+    base, peak, stop = proc.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak.append(proc.memory_info().rss - base)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak, stop
+
+
 def rows(output: str) -> list[dict]:
     return read_labels(output).to_pylist()
 
@@ -240,14 +253,7 @@ def test_a_million_names_are_listed_deduplicated_and_filtered_on_the_cluster(ray
     (tmp_path / "out").mkdir()
     pq.write_table(pa.table({"path": [f"s3://corpus/images/{i:08d}.jpg" for i in range(done)]}),
                    tmp_path / "out" / "part.parquet")  # fmt: skip
-    proc = psutil.Process()
-    base, peak, stop = proc.memory_info().rss, [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            peak.append(proc.memory_info().rss - base)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak, stop = sample_memory_growth()
     start = time.monotonic()
     try:
         inputs = resolve(str(listed))
@@ -473,14 +479,7 @@ def test_tens_of_thousands_of_images_keep_the_driver_memory_flat(registry, tmp_p
     encoded = [jpeg(i, (16, 12)) for i in range(50)]
     for s in range(30):
         write_tar(str(tmp_path / "tars" / f"shard-{s:06d}.tar"), {f"{s}-{i}.jpg": encoded[i % 50] for i in range(1000)})
-    proc = psutil.Process()
-    base, peak, stop = proc.memory_info().rss, [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            peak.append(proc.memory_info().rss - base)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak, stop = sample_memory_growth()
     try:
         result = label(LabelConfig(str(tmp_path / "tars"), str(tmp_path / "labels"), ROOT, "tiny", top_k=1,
                                    batch_size=256))  # fmt: skip
