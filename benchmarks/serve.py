@@ -14,6 +14,12 @@ Goals: served >= 0.75 raw at 16 clients; p50 at 1 <= single-image latency + 5 ms
 zero errors. --replica-env sets the replica's environment (e.g. OMP_WAIT_POLICY=PASSIVE). The local Ray
 gets Serve's fast path (pipelines.cluster.SERVE_ENV: HAProxy ingress, throughput mode); --without-fast-path
 measures Serve's own Python proxy instead.
+
+    python -m benchmarks.serve --canary shadow,split --concurrency 1,16 --oip ''
+
+measures what a canary costs (pipelines/serve/rollout.py): the same levels with a second version of the same
+model beside production, in shadow (100 %: every request run twice) and split (50 %), against the application
+without a canary (the baseline, deployed first, in the same run), and the replica's memory with each.
 """
 
 from __future__ import annotations
@@ -53,9 +59,9 @@ def model_config(name: str) -> crossvit.CrossViTConfig:
     return crossvit.VARIANTS[resolve_name(name)]
 
 
-def register(root: str, config: crossvit.CrossViTConfig) -> None:
-    """An untrained model of ``config`` as version 1 of "bench", aliased production (weights do not change
-    the speed)."""
+def register(root: str, config: crossvit.CrossViTConfig, alias: str = "production") -> None:
+    """An untrained model of ``config`` as the next version of "bench", named by ``alias`` (weights do not
+    change the speed)."""
     model = crossvit.CrossViT(config)
     classes = [{"index": i, "wnid": str(i), "name": f"class {i}"} for i in range(config.num_classes)]
     reg = Registry(root)
@@ -63,7 +69,7 @@ def register(root: str, config: crossvit.CrossViTConfig) -> None:
         save_weights(model, Path(d, "w.safetensors"))
         meta = version_meta("-", "-", {"classes": classes}, {}, config.to_dict())
         version = reg.register("bench", Path(d, "w.safetensors"), meta)
-    reg.move_alias("bench", "production", version.number, expected=(None, None), why="benchmark")
+    reg.move_alias("bench", alias, version.number, expected=(None, None), why="benchmark")
 
 
 def raw_rates(config: crossvit.CrossViTConfig, batch: int, rounds: int = 5) -> tuple[list[float], list[float]]:
@@ -165,6 +171,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="application settings to override")
     p.add_argument("--replica-env", nargs="*", default=[], metavar="KEY=VALUE", help="the replica's env_vars")
     p.add_argument("--oip", default="1,16", help="concurrency levels for the OIP binary route (none: '')")
+    p.add_argument("--canary", default="", help="shadow,split: measure with a canary too, against none")
     args = p.parse_args()
     if any("=" not in kv for kv in args.set):
         p.error("--set takes KEY=VALUE pairs, e.g. --set max_batch_size=32")
@@ -191,6 +198,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         register(f"{tmp}/registry", config)
         settings = {"registry": f"{tmp}/registry", "model": "bench", **dict(kv.split("=", 1) for kv in args.set)}
+        if args.canary:
+            return compare_canaries(serve_config, settings, bodies, config, args)
         url = deploy(serve_config, settings, port=free_port())
         for body in bodies[:4]:  # warm up: the first requests build the pools
             requests.post(f"{url}/v1/classify", data=body, timeout=120).raise_for_status()
@@ -221,6 +230,33 @@ def main() -> None:
         if c in by and f"{c} OIP" in by:
             print(f"OIP binary / v1 req/s at {c} clients = {by[f'{c} OIP']['rps'] / by[c]['rps']:.2f} (goal >= 0.95)")
     print(f"errors: {sum(len(lv['errors']) for lv in levels)} (goal 0)")
+
+
+def compare_canaries(serve_config: dict, settings: dict, bodies: list[bytes], config, args) -> None:
+    """The levels without a canary, then with each of ``args.canary`` (a second version of the same model,
+    named by the candidate alias); requests/s and p50 as ratios to no canary, and the replica's RSS."""
+    root = settings["registry"]
+    register(root, config, alias="candidate")  # version 2: the same architecture, other weights
+    modes = {"none": {}, "shadow": {"alias": "candidate", "mode": "shadow", "percent": 100},
+             "split": {"alias": "candidate", "mode": "split", "percent": 50}}  # fmt: skip
+    port, results = free_port(), {}
+    for mode in ["none", *args.canary.split(",")]:
+        url = deploy(serve_config, {**settings, "canary": modes[mode]}, port=port)
+        for body in bodies[:8]:  # warm up, and both versions answer before the figures start
+            requests.post(f"{url}/v1/classify", data=body, timeout=120).raise_for_status()
+        (replica,) = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:crossvit:Classifier" in
+                      " ".join(p.info["cmdline"] or [])]  # fmt: skip
+        levels = [load(url, bodies, int(c), args.seconds) for c in args.concurrency.split(",")]
+        results[mode] = (levels, replica.memory_info().rss / 2**20)
+        serve.delete("crossvit")
+    print(f"{args.model} ({config.img_size} px) on {os.cpu_count()} cores, 500x375 JPEG requests, one replica")
+    print("canary  clients   req/s    p50 ms   p95 ms  errors  replica RSS MiB   req/s / none   p50 / none")
+    for mode, (levels, rss) in results.items():
+        for lv, base in zip(levels, results["none"][0]):
+            ratios = f"{lv['rps'] / base['rps']:14.2f} {lv['p50'] / base['p50']:12.2f}"
+            print(f"{mode:>6s} {lv['clients']:>8s} {lv['rps']:7.1f} {lv['p50']:8.1f} {lv['p95']:8.1f} "
+                  f"{len(lv['errors']):7d} {rss:16.0f} {ratios}")  # fmt: skip
+    serve.shutdown()
 
 
 def _timed(fn) -> float:

@@ -1,6 +1,7 @@
 """Serve a registered model over HTTP with Ray Serve, on this machine or the cluster it belongs to:
 
-    python -m jobs.serve --registry s3://bucket/registry --model crossvit-small [--alias production] [--port 8000]
+    python -m jobs.serve --registry s3://bucket/registry --model crossvit-small [--alias production] [--port 8000] \
+        [--canary-alias candidate [--canary-percent 10] [--canary-mode split|shadow] [--[no-]canary-auto]]
 
 The same application and settings as `serve run infra/serve.yaml` / `serve deploy infra/serve.yaml`
 (--config names another profile, e.g. infra/serve-gpu.yaml): this reads that file and deploys it with the
@@ -32,6 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept requests from other machines")
     p.add_argument("--config", default=str(SERVE_CONFIG), help="the Serve config whose settings to use")
+    p.add_argument("--canary-alias", help="serve the version this alias names beside production (canary.alias)")
+    p.add_argument("--canary-percent", type=float, help="the canary's share of requests, 0-100 (canary.percent)")
+    p.add_argument("--canary-mode", choices=["split", "shadow"], help="answer the share, or shadow it (canary.mode)")
+    p.add_argument(
+        "--canary-auto",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the application judges the canary itself on a timer (canary.auto; criteria in --config)",
+    )
     p.add_argument(
         "--skip-resource-check",
         action="store_true",
@@ -40,12 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_serve_config(args.config)
-    settings = {"registry": args.registry, "model": args.model, "alias": args.alias, "version": args.version}
+    settings = {"registry": args.registry, "model": args.model, "alias": args.alias, "version": args.version,
+                "canary.alias": args.canary_alias, "canary.percent": args.canary_percent,
+                "canary.mode": args.canary_mode, "canary.auto": args.canary_auto}  # fmt: skip
     try:
         url = deploy(config, settings, host=args.host, port=args.port, check_resources=not args.skip_resource_check)
-    except ResourcePlanError as e:
+    except (ResourcePlanError, ValueError) as e:  # ValueError: settings that do not hold together
         raise SystemExit(f"cannot serve: {e}") from None
-    print(f"serving {args.model}:{args.alias if args.version is None else args.version} at {url}/v1/classify "
+    canary = f", canary {args.canary_alias} ({args.canary_mode or 'settings of --config'})" if args.canary_alias else ""
+    print(f"serving {args.model}:{args.alias if args.version is None else args.version}{canary} at {url}/v1/classify "
           "(Ctrl-C to stop)", flush=True)  # fmt: skip
     try:
         while True:

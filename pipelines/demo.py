@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -29,8 +30,9 @@ from pipelines.device import to_model_input
 from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port, local_s3
 from pipelines.progress import Progress
-from pipelines.registry.promote import promote
+from pipelines.registry.promote import best_checkpoint, promote
 from pipelines.registry.store import Registry
+from pipelines.serve import rollout
 from pipelines.serve.deploy import deploy, load_serve_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.launch import fit
@@ -85,7 +87,12 @@ def run(
             data = _prepare(root, workdir, classes, train_per_class, val_per_class)
             data_uri = data.uri
             _ingest(data, image_size, classes)
+            _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
             results["top1"] = _train(root, data_uri, epochs, image_size, classes)
+            longer = max(1, epochs // 2)
+            _step(f"3b. a second, longer run: the first's best weights trained {longer} epoch(s) more")
+            init = best_checkpoint(f"{root}/runs/sample").checkpoint
+            _train(root, data_uri, longer, image_size, classes, name="sample-longer", init=init)
             _promote(root)
             results["served"] = _serve(root, workdir / "sample" / "val")
             results["labels"], results["labeled"] = _label(root, data_uri)
@@ -134,8 +141,11 @@ def _summary(workdir: Path, where: Path | str, data_uri: str, results: dict) -> 
         f"ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/crossvit_small_240.yaml "
         f"--data {b}/datasets/imagenet --storage {b}/runs --name small-1",
         f"python -m jobs.promote --run {b}/runs/small-1 --registry {b}/registry --model crossvit-small",
+        f"python -m jobs.promote --run {b}/runs/small-2 --registry {b}/registry --model crossvit-small "
+        "--alias candidate",
         f"ray job submit --working-dir . -- python -m jobs.serve --registry {b}/registry --model crossvit-small "
-        "--config infra/serve-gpu.yaml --host 0.0.0.0",
+        "--config infra/serve-gpu.yaml --host 0.0.0.0 --canary-alias candidate --canary-mode shadow",
+        f"python -m jobs.rollout --url http://<serve>:8000 --registry {b}/registry --model crossvit-small",
         f"ray job submit --working-dir . -- python -m jobs.label --input {b}/datasets/imagenet --split val "
         f"--output {b}/labels/val --registry {b}/registry --model crossvit-small --use-gpu",
     ):
@@ -204,10 +214,11 @@ def _ingest(data: DataSet, image_size: int, classes: int) -> None:
     )
 
 
-def _train(root: str, data_uri: str, epochs: int, image_size: int, classes: int) -> float:
-    _step("3. Ray Train: DDP over 2 workers (gloo on CPU), checkpoints and metrics to object storage")
-    cfg = sample_config(image_size, data=data_uri, storage=f"{root}/runs", name="sample", epochs=epochs)
-    run_uri = f"{root}/runs/sample"
+def _train(
+    root: str, data_uri: str, epochs: int, image_size: int, classes: int, name: str = "sample", init: str = ""
+) -> float:
+    cfg = sample_config(image_size, data=data_uri, storage=f"{root}/runs", name=name, epochs=epochs, init=init)
+    run_uri = f"{root}/runs/{name}"
     before = load_history(run_uri)  # a bucket of yours may hold the run already (fit then resumes or returns)
     t = time.monotonic()
     if before and before[-1]["epoch"] + 1 >= cfg.epochs:
@@ -257,22 +268,24 @@ def _follow(run_uri: str, progress: Progress) -> Iterator[None]:
 
 
 def _promote(root: str) -> None:
-    _step("4. the model registry: the run's best checkpoint becomes version 1 of 'sample', alias production")
+    _step("4. the model registry: each run's best checkpoint becomes a version of 'sample'; aliases name them")
     registry = f"{root}/registry"
-    version, record = promote(f"{root}/runs/sample", registry, "sample")
-    print(
-        f"registered {registry}/sample/versions/{version.number}/ (weights.safetensors, model.json) from "
-        f"{version.meta['source']['checkpoint']}, top-1 {version.top1:.1f}%; production -> version {record['version']}"
-    )
+    for run, alias in (("sample", "production"), ("sample-longer", "candidate")):
+        version, record = promote(f"{root}/runs/{run}", registry, "sample", alias=alias)
+        print(
+            f"registered {registry}/sample/versions/{version.number}/ (weights.safetensors, model.json) from "
+            f"{version.meta['source']['checkpoint']}, top-1 {version.top1:.1f}%; {alias} -> version {record['version']}"
+        )
     print(Registry(registry).table("sample"))
 
 
 def _serve(root: str, val_images: Path) -> list[str]:
-    _step("5. Ray Serve: the production version over HTTP (infra/serve.yaml), a few validation images")
+    _step("5. Ray Serve: production over HTTP (infra/serve.yaml), the candidate in its shadow, a few images")
     t = time.monotonic()
     config = load_serve_config(SERVE_CONFIG)
     config["applications"][0].update(name=DEMO_APP, route_prefix=DEMO_ROUTE)
-    settings = {"registry": f"{root}/registry", "model": "sample", "request_log_level": "WARNING"}
+    settings = {"registry": f"{root}/registry", "model": "sample", "request_log_level": "WARNING",
+                "canary": {"alias": "candidate", "mode": rollout.SHADOW, "percent": 100}}  # fmt: skip
     url = deploy(config, settings, port=free_port())
     print(f"serving at {url}/v1/classify ({time.monotonic() - t:.0f} s to deploy)")
     folders = sorted(p for p in val_images.iterdir() if p.is_dir())
@@ -283,11 +296,45 @@ def _serve(root: str, val_images: Path) -> list[str]:
         guesses = ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(answer["names"], answer["probs"]))
         lines.append(f"POST {image.parent.name}/{image.name} -> {guesses} (version {answer['version']})")
         print(lines[-1])
+    _judge_canary(url, f"{root}/registry", sorted(val_images.glob("*/*")))
     # Deleted before labeling, which plans from the CPUs that are free: on 2 cores the model's actor would not
     # fit beside the replica.
     serve.delete(DEMO_APP)
     print("deleted the demo's application; python -m jobs.serve serves the registry until Ctrl-C")
     return lines
+
+
+def _judge_canary(url: str, registry: str, images: list[Path]) -> None:
+    """Every validation image once through the application (the candidate shadows each), then the judge on
+    the live evidence, as `python -m jobs.rollout` runs it (here the evidence comes from the application's
+    Rollout deployment directly: the demo's application has no admin token)."""
+    t = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        failed = sum(r.status_code != 200 for r in pool.map(lambda p: requests.post(f"{url}/v1/classify",
+                                                              data=p.read_bytes(), timeout=60), images))  # fmt: skip
+    board = serve.get_deployment_handle("Rollout", app_name=DEMO_APP)
+    criteria = rollout.Criteria(min_requests=len(images))
+    for _ in range(50):  # the replicas report every second
+        evidence = board.evidence.remote(criteria.window_s).result()
+        decision = rollout.judge(Registry(registry), "sample", "production", "candidate", evidence, criteria,
+                                 who="jobs.demo")  # fmt: skip
+        if decision.action != rollout.WAIT:
+            break
+        time.sleep(0.2)
+    print(f"{len(images)} requests in {time.monotonic() - t:.1f} s ({failed} failed), each also run on the candidate;"
+          f" the judge: {decision.action}")  # fmt: skip
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    for role in (rollout.PRODUCTION, rollout.CANARY):
+        e = decision.evidence.get(role, {})
+        if e.get("requests"):
+            p50, p95, confidence = e["latency_ms"]["p50"], e["latency_ms"]["p95"], e["mean_confidence"]
+            figures = f"{e['requests']} {'answered' if role == rollout.PRODUCTION else 'shadowed'}"
+            if p50 is not None:  # None: every one failed
+                figures += f", p50/p95 {p50:.0f}/{p95:.0f} ms, mean top-1 confidence {confidence:.2f}"
+            if e.get("agreement") is not None:
+                figures += f", top-1 agreement {e['agreement']:.1%}, confidence gap {e['confidence_gap']:+.3f}"
+            print(f"  {role} (version {e['version']}): {figures}")
 
 
 def _label(root: str, data_uri: str) -> tuple[float, list[str]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -17,11 +19,14 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
+import requests
 import torch
 
 from crossvit import CrossViT
 from pipelines import storage
 from pipelines.checkpoint import save_checkpoint
+from pipelines.data.sample import draw_sample
 from pipelines.train.config import TrainConfig
 from pipelines.train.metrics import load_history, record_epoch
 
@@ -192,3 +197,65 @@ def png_header(width: int, height: int) -> bytes:
 
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
+def jpeg(i: int, width: int = 500, height: int = 375) -> bytes:
+    buf = io.BytesIO()
+    draw_sample(i % 4, 4, width, height, np.random.default_rng(i)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _traffic(url: str, stop: threading.Event, seen: list, failures: list, data: bytes) -> None:
+    while not stop.is_set():
+        try:
+            r = requests.post(f"{url}/v1/classify", data=data, timeout=60)
+            if r.status_code == 200:
+                seen.append(r.json()["version"])
+            else:
+                failures.append((time.monotonic(), r.json().get("error", r.status_code)))
+        except requests.RequestException as e:
+            failures.append((time.monotonic(), repr(e)))
+
+
+@contextlib.contextmanager
+def traffic(url: str, clients: int, data: bytes | None = None):
+    """``clients`` threads classifying ``data`` (a 500x375 JPEG by default) in a loop while the block runs;
+    yields (versions seen, failures as (time.monotonic(), what))."""
+    stop, seen, failures, data = threading.Event(), [], [], data or jpeg(5)
+    threads = [threading.Thread(target=_traffic, args=(url, stop, seen, failures, data)) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield seen, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def until(condition, timeout: float) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+QUICK_STOP = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 2, "health_check_period_s": 2}
+
+
+def serve_test_config(**autoscaling) -> dict:
+    """infra/serve.yaml with the test's timings: quick autoscaling, small limits that are cheap to pass, and a
+    replica that stops within a second once idle (Serve's defaults wait 2 s between looks at its queue, 20 s
+    at most, at every scale-down, deletion and shutdown)."""
+    from pipelines.serve.deploy import load_serve_config  # Serve and FastAPI: for the tests that serve only
+
+    config = copy.deepcopy(load_serve_config("infra/serve.yaml"))
+    (options,) = config["applications"][0]["deployments"]
+    options.update(QUICK_STOP)
+    options["autoscaling_config"].update(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1, downscale_delay_s=4,
+        look_back_period_s=2,
+        **autoscaling,
+    )  # fmt: skip
+    return config

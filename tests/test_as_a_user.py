@@ -132,6 +132,11 @@ def test_the_demo_runs_with_another_class_count(user_env, tmp_path):
     assert "12 classes" in out.stdout and "(chance 8%)" in out.stdout and "over 24 images" in out.stdout
     assert "S3-compatible endpoint on" in out.stdout  # an endpoint of its own
     assert "production -> version 1" in out.stdout  # promoted into the registry
+    # a second, longer run, promoted as the candidate, shadows production and is judged on that evidence
+    assert "epoch 1/1" in out.stdout[out.stdout.index("== 3b.") :] and "candidate -> version 2" in out.stdout
+    assert re.search(r"^24 requests in .* \(0 failed\), each also run on the candidate; the judge: (promoted|rolled "
+                     r"back)\n(  - .*\n)+  production \(version 1\): 2\d answered.*\n  canary \(version 2\): 2\d "
+                     r"shadowed, .* top-1 agreement [\d.]+%", out.stdout, re.M), _tail(out)  # fmt: skip
     # progress, as a log shows it (a bar in a terminal): every image of both splits written, one epoch read
     assert "writing shards: 120/120 img" in out.stderr and "decode + augment + forward: 96/96 img" in out.stderr
     assert re.search(r"^epoch 1/1 lr .* top1 ", out.stdout, re.M), _tail(out)  # the driver shows the epochs
@@ -190,10 +195,11 @@ def test_the_demo_on_a_cluster_and_a_bucket_that_hold_earlier_work(ray_cluster, 
     assert "S3-compatible endpoint on" not in out and not (workdir / "bucket").exists()
     assert f"shards and manifest:             {bucket}/datasets/sample/" in out
     assert "has finished its 1 epochs already" in out and "production -> version 2" in out
+    assert "candidate -> version 3" in out and re.search(r"the judge: (promoted|rolled back)", out), out
     # four images classified over HTTP by version 2 (counted, not matched by line: this process also prints
     # what Ray's workers log, which may break into a line)
     served = out[out.index("== 5. Ray Serve") : out.index("== 6. batch labeling")]
-    assert served.count("POST ") == served.count(".JPEG -> ") == served.count("(version 2)") == 4, out
+    assert served.count("POST ") == served.count(".JPEG -> ") == served.count("% (version 2)") == 4, out
     assert connected == [{"address": ray_cluster["address"], "logging_level": "ERROR", "log_to_driver": False}]
     assert len(apps_when_labeling) == 1 and demo.DEMO_APP not in apps_when_labeling[0], apps_when_labeling
     assert re.search(r"labeled 0 input\(s\) .* holds 8 row\(s\), 0 with an error", out), out

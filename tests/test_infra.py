@@ -40,7 +40,7 @@ from ray.serve.schema import ServeDeploySchema
 from pipelines.cluster import SERVE_ENV, Capacity, plan_training_cpus
 from pipelines.label.job import plan_for
 from pipelines.serve.deploy import deployment_options, plan_serving_resources
-from pipelines.serve.settings import ServeSettings
+from pipelines.serve.settings import CanarySettings, ServeSettings
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -551,7 +551,10 @@ def serve_errors(config: dict) -> list[str]:
     """What Serve's schema refuses or would drop, and application args that the app's ServeSettings lacks."""
     ServeDeploySchema.model_validate(config)
     settings = {f.name for f in dataclasses.fields(ServeSettings)}
+    canary = {f.name for f in dataclasses.fields(CanarySettings)}
     args = [f"args.{k}" for app in config["applications"] for k in (app.get("args") or {}) if k not in settings]
+    args += [f"args.canary.{k}" for app in config["applications"]
+             for k in ((app.get("args") or {}).get("canary") or {}) if k not in canary]  # fmt: skip
     return unknown_fields(ServeDeploySchema, config) + args
 
 
@@ -587,9 +590,11 @@ def test_serve_errors_finds_misspelt_options():
     app["deployments"][0]["max_ongoing_request"] = app["deployments"][0].pop("max_ongoing_requests")
     app["deployments"][0]["autoscaling_config"]["max_replica"] = 4
     app["args"]["poll_interval"] = 10
+    app["args"]["canary"]["percentage"] = 5
     assert sorted(serve_errors(config)) == [
         "applications[0].deployments[0].autoscaling_config.max_replica",
         "applications[0].deployments[0].max_ongoing_request",
+        "args.canary.percentage",
         "args.poll_interval",
     ]
 

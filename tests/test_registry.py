@@ -117,6 +117,30 @@ def test_rollback_steps_back_along_the_aliases_lineage(runs, root):
     assert [e["version"] for e in record["history"]] == [1, 2, 3, 2, 1]
 
 
+def test_clearing_an_alias_is_compare_and_swap_and_recorded_in_its_history(runs, root):
+    promote(runs["a"], root, "tiny")  # v1, production
+    promote(runs["b"], root, "tiny", alias="candidate")  # v2
+    reg = Registry(root)
+    read = reg.read_alias("tiny", "candidate")
+    record = reg.clear_alias("tiny", "candidate", expected=read, why="test: rolled back", evidence={"agreement": 0.1})
+    assert record == reg.read_alias("tiny", "candidate")[0] and (record["version"], record["previous"]) == (None, 2)
+    assert record["history"][-1]["why"] == "test: rolled back" and record["history"][-1]["evidence"] == {
+        "agreement": 0.1
+    }
+    with pytest.raises(AliasMovedError, match=r"tiny:candidate was moved or cleared .*now no version\); not cleared"):
+        reg.clear_alias("tiny", "candidate", expected=read, why="a second judge")  # what it read is gone
+    with pytest.raises(RegistryError, match="there is nothing to clear"):
+        reg.clear_alias("tiny", "candidate", expected=reg.read_alias("tiny", "candidate"), why="again")
+    with pytest.raises(RegistryError, match=r"tiny:candidate names no version \(cleared"):
+        reg.resolve("tiny", "candidate")
+    with pytest.raises(RegistryError, match="no earlier version"):
+        reg.rollback("tiny", "candidate")
+    assert "candidate" not in reg.table("tiny")
+    promote(runs["c"], root, "tiny", alias="candidate")  # a new canary: no gate against the cleared one
+    record = reg.read_alias("tiny", "candidate")[0]
+    assert [e["version"] for e in record["history"]] == [2, None, 3] and record["lineage"] == [2, 3]
+
+
 def test_weights_that_changed_after_registration_are_refused_by_name(runs, root):
     version, _ = promote(runs["a"], root, "tiny")
     data = bytearray(storage.read_bytes(version.weights_uri))

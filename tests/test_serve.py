@@ -4,7 +4,6 @@ traffic, a corrupt version, auth, autoscaling, a killed replica, and `serve depl
 
 import base64
 import contextlib
-import copy
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import ray
 import requests
 import torch
 import yaml
-from helpers import RAY_CLI, png_header, write_run
+from helpers import RAY_CLI, jpeg, png_header, serve_test_config, traffic, until, write_run
 from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
@@ -31,7 +30,6 @@ from ray.util.state import list_actors
 
 from pipelines import storage
 from pipelines.cluster import SERVE_ENV, ResourcePlanError
-from pipelines.data.sample import draw_sample
 from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port
 from pipelines.preprocess import eval_transform, normalize
@@ -44,30 +42,6 @@ ADMIN_TOKEN = "adm1n-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = "s3://serve-test/registry"
 POLL_S = 1.0
-
-
-def jpeg(i: int, width: int = 500, height: int = 375) -> bytes:
-    buf = io.BytesIO()
-    draw_sample(i % 4, 4, width, height, np.random.default_rng(i)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-QUICK_STOP = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 2, "health_check_period_s": 2}
-
-
-def serve_test_config(**autoscaling) -> dict:
-    """infra/serve.yaml with the test's timings: quick autoscaling, small limits that are cheap to pass, and a
-    replica that stops within a second once idle (Serve's defaults wait 2 s between looks at its queue, 20 s
-    at most, at every scale-down, deletion and shutdown)."""
-    config = copy.deepcopy(load_serve_config("infra/serve.yaml"))
-    (options,) = config["applications"][0]["deployments"]
-    options.update(QUICK_STOP)
-    options["autoscaling_config"].update(
-        min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1, downscale_delay_s=4,
-        look_back_period_s=2,
-        **autoscaling,
-    )  # fmt: skip
-    return config
 
 
 def test_the_serve_configs_pass_serves_schema_and_differ_only_in_resources_and_decoding():
@@ -124,7 +98,7 @@ def app(ray_cluster, s3_endpoint, tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     serve_cli = str(Path(RAY_CLI).with_name("serve"))
     subprocess.run([serve_cli, "deploy", str(path), "-a", ray_cluster["dashboard"]], check=True, timeout=120)
-    _until(lambda: _app_status("crossvit") == "RUNNING", timeout=180)
+    until(lambda: _app_status("crossvit") == "RUNNING", timeout=180)
     yield {"url": f"http://127.0.0.1:{port}", "port": port, "registry": Registry(ROOT), "admin_token_file": str(admin)}
     serve.shutdown()
 
@@ -375,49 +349,12 @@ def test_a_bad_top_k_is_refused(app, top_k, status):
     assert response.status_code == status and "top_k" in response.json()["error"]
 
 
-def _traffic(url: str, stop: threading.Event, seen: list, failures: list) -> None:
-    data = jpeg(5)
-    while not stop.is_set():
-        try:
-            r = classify(url, data)
-            if r.status_code == 200:
-                seen.append(r.json()["version"])
-            else:
-                failures.append((time.monotonic(), r.json().get("error", r.status_code)))
-        except requests.RequestException as e:
-            failures.append((time.monotonic(), repr(e)))
-
-
-@contextlib.contextmanager
-def traffic(url: str, clients: int):
-    """``clients`` threads classifying in a loop while the block runs; yields (versions seen, failures as
-    (time.monotonic(), what))."""
-    stop, seen, failures = threading.Event(), [], []
-    threads = [threading.Thread(target=_traffic, args=(url, stop, seen, failures)) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        yield seen, failures
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-
-
-def _until(condition, timeout: float) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "timed out"
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
 def test_a_promotion_and_a_rollback_under_traffic_fail_no_request(app):
     with traffic(app["url"], 4) as (seen, failures):
         promote("s3://serve-test/runs/b", ROOT, "tiny")  # version 2
-        took = _until(lambda: seen and seen[-1] == 2, timeout=POLL_S + 20)
+        took = until(lambda: seen and seen[-1] == 2, timeout=POLL_S + 20)
         app["registry"].rollback("tiny", "production")
-        _until(lambda: seen[-1] == 1 and seen[-2] == 1, timeout=POLL_S + 20)
+        until(lambda: seen[-1] == 1 and seen[-2] == 1, timeout=POLL_S + 20)
     assert failures == [] and 2 in seen and len(seen) > 20
     assert took < POLL_S + 10  # the poll interval plus loading and checking the new version
 
@@ -442,7 +379,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(app, tmp_pat
             status = requests.get(f"{app['url']}/v1/admin/status", headers=ADMIN, timeout=10).json()
             return status["version"] == served and f"versions/{bad.number}/weights" in (status["load_error"] or "")
 
-        _until(refused, timeout=POLL_S + 20)
+        until(refused, timeout=POLL_S + 20)
         assert classify(app["url"], jpeg(0)).json()["version"] == served
         # A replica that starts now (autoscaling, a replacement) starts with the last version that loads.
         config = serve_test_config()
@@ -516,12 +453,12 @@ def test_a_registry_that_cannot_be_read_makes_the_replica_unready_not_dead(guard
     moved = aliases.with_name("aliases-away")
     aliases.rename(moved)
     try:
-        _until(lambda: requests.get(f"{guarded}/v2/health/ready", timeout=10).status_code == 503, timeout=POLL_S + 20)
+        until(lambda: requests.get(f"{guarded}/v2/health/ready", timeout=10).status_code == 503, timeout=POLL_S + 20)
         assert requests.get(f"{guarded}/healthz", timeout=10).json()["status"] == "degraded"
         assert requests.post(f"{guarded}/v1/classify", data=jpeg(0), headers=TOKEN, timeout=60).json()["version"] == 1
     finally:
         moved.rename(aliases)
-    _until(lambda: requests.get(f"{guarded}/v2/health/ready", timeout=10).status_code == 200, timeout=POLL_S + 20)
+    until(lambda: requests.get(f"{guarded}/v2/health/ready", timeout=10).status_code == 200, timeout=POLL_S + 20)
     assert requests.get(f"{guarded}/healthz", timeout=10).json()["status"] == "ok"
 
 
@@ -593,7 +530,7 @@ def _logged(*wanted: str, timeout: float = 10) -> None:
         lines = [line for f in logs.rglob("replica_crossvit_Classifier_*.log") for line in f.open()]
         return all(any(w in line and line.rstrip().endswith(" ms") for line in lines) for w in wanted)
 
-    _until(found, timeout=timeout)
+    until(found, timeout=timeout)
 
 
 def test_a_request_whose_client_goes_away_is_counted_and_logged_as_cancelled(app):
@@ -630,8 +567,8 @@ def _replicas() -> list:
 
 def test_a_load_burst_adds_a_replica_and_it_goes_away_afterwards(app):
     with traffic(app["url"], 12) as (_, failures):
-        _until(lambda: len(_replicas()) >= 2, timeout=60)
-    _until(lambda: len(_replicas()) == 1, timeout=60)
+        until(lambda: len(_replicas()) >= 2, timeout=60)
+    until(lambda: len(_replicas()) == 1, timeout=60)
     assert failures == []
 
 
@@ -641,9 +578,9 @@ def test_a_replica_killed_under_load_is_replaced_and_the_service_keeps_answering
         victim = _replicas()[0]
         killed_at = time.monotonic()
         ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
-        _until(lambda: any(r.actor_id != victim.actor_id for r in _replicas()), timeout=60)
+        until(lambda: any(r.actor_id != victim.actor_id for r in _replicas()), timeout=60)
         before = len(seen)
-        _until(lambda: len(seen) > before + 10, timeout=60)
+        until(lambda: len(seen) > before + 10, timeout=60)
     # The requests on the killed replica at that moment fail, and a client that retries at once may be routed
     # to it again until the ingress has dropped it (5 failures of 4 clients once in CI): failures in the first
     # seconds after the kill only, every later request answered.

@@ -22,14 +22,14 @@ from pipelines.preprocess import eval_transform
 from pipelines.serve import images, oip
 from pipelines.serve.auth import Token, TokenError
 from pipelines.serve.errors import ClientError
-from pipelines.serve.model import Follower
+from pipelines.serve.model import Served
 from pipelines.serve.settings import ServeSettings
 from pipelines.storage import StorageError
 
 
 # -- following the registry --------------------------------------------------------------------------------
 class FakeRegistry:
-    """The registry calls the Follower makes: an alias that names ``version``, reads that fail while
+    """The registry calls a replica's Served makes: an alias that names ``version``, reads that fail while
     ``failing`` is set, and versions in ``broken`` that fail to load (a checksum)."""
 
     def __init__(self, version: int = 1):
@@ -53,8 +53,9 @@ class FakeRegistry:
         return SimpleNamespace(version=version)
 
 
-def follower(reg: FakeRegistry, poll_s: float = 3600.0) -> Follower:
-    return Follower(reg, "tiny", "production", None, poll_s, reg.load)
+def follower(reg: FakeRegistry, poll_s: float = 3600.0) -> Served:
+    """What a replica serves with no canary: production, followed by the watcher thread."""
+    return Served(reg, "tiny", "production", None, "", poll_s, reg.load)
 
 
 def test_a_registry_that_cannot_be_read_is_reported_and_forgotten_once_it_can_be_read_again():
@@ -66,12 +67,12 @@ def test_a_registry_that_cannot_be_read_is_reported_and_forgotten_once_it_can_be
     reg.failing = StorageError("cannot read s3://r/tiny/aliases/production.json: S3 blip")
     for _ in range(3):
         assert f.check_now(timeout=5)
-    state = f.status()
-    assert f.alive and f.current.version.number == 1
+    state = f.production.status()
+    assert f.alive and f.production.current.version.number == 1
     assert "S3 blip" in state.registry_error and state.refused is None and state.load_error is None
     reg.failing = None
     assert f.check_now(timeout=5)
-    assert f.status().registry_error is None and f.status().refused is None
+    assert f.production.status().registry_error is None and f.production.status().refused is None
 
 
 def test_a_transient_fault_while_loading_a_new_version_is_tried_again_not_refused():
@@ -81,10 +82,10 @@ def test_a_transient_fault_while_loading_a_new_version_is_tried_again_not_refuse
     reg.failing = OSError("connection reset")
     reg.read_alias = lambda m, a: ({"version": 2, "lineage": [1, 2]}, "tag")  # the alias reads, the load fails
     assert f.check_now(timeout=5)
-    assert f.status().refused is None and "connection reset" in f.status().registry_error
+    assert f.production.status().refused is None and "connection reset" in f.production.status().registry_error
     reg.failing = None
     assert f.check_now(timeout=5)
-    assert f.current.version.number == 2 and f.status().registry_error is None
+    assert f.production.current.version.number == 2 and f.production.status().registry_error is None
 
 
 def test_a_forced_check_does_not_load_a_refused_version_again():
@@ -95,10 +96,10 @@ def test_a_forced_check_does_not_load_a_refused_version_again():
     reg.version, reg.broken = 2, {2}
     for _ in range(4):
         assert f.check_now(timeout=5)
-    assert reg.loads == [1, 2] and f.status().refused == 2 and "sha256" in f.status().load_error
+    assert reg.loads == [1, 2] and f.production.status().refused == 2 and "sha256" in f.production.status().load_error
     reg.version = 1  # rolled back: the alias names the served version; nothing is refused any more
     assert f.check_now(timeout=5)
-    assert f.status().refused is None and f.status().load_error is None
+    assert f.production.status().refused is None and f.production.status().load_error is None
 
 
 def test_a_check_that_does_not_end_in_time_says_so():
@@ -112,14 +113,14 @@ def test_a_check_that_does_not_end_in_time_says_so():
         assert f.check_now(timeout=0.3) is False  # the reload route answers 504, not a stale 200
     finally:
         gate.set()
-    assert f.check_now(timeout=5) and f.current.version.number == 2
+    assert f.check_now(timeout=5) and f.production.current.version.number == 2
 
 
 def test_a_new_replica_starts_with_the_newest_version_of_the_lineage_that_loads():
     reg = FakeRegistry(version=3)
     reg.broken = {3}
     f = follower(reg)
-    assert f.current.version.number == 2 and f.status().refused == 3
+    assert f.production.current.version.number == 2 and f.production.status().refused == 3
 
 
 @pytest.mark.parametrize("field", ["poll_interval_s", "max_pixels", "max_body_bytes"])

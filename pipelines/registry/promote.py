@@ -92,7 +92,7 @@ def promote(
     reg = Registry(registry)
     candidate = best_checkpoint(run)
     expected = reg.read_alias(model, alias)
-    current = reg.get(model, expected[0]["version"]) if expected[0] else None
+    current = reg.get(model, expected[0]["version"]) if expected[0] and expected[0]["version"] is not None else None
     with tempfile.TemporaryDirectory() as d:
         weights = Path(d, "weights.safetensors")
         weights.write_bytes(storage.read_bytes(storage.join(candidate.checkpoint, "weights.safetensors")))

@@ -8,9 +8,10 @@ Writes are compare-and-swap (``storage.create_exclusive`` / ``storage.replace_if
 - a version number is claimed by creating its model.json only if there is none (a claim, status
   "uploading"), before anything is uploaded into it; the weights follow, and the model.json is then
   rewritten complete (status "ready", with the weights' sha256). Two promotions at once get two numbers.
-- an alias moves only if it is still what the promotion read (S3: its ETag; locally: its sha256 under a
-  lock file). The loser gets ``AliasMovedError`` and is never retried blindly: the gate compared the
-  candidate with a version that is no longer current.
+- an alias moves (or is cleared: it then names no version, as a canary does once judged) only if it is still
+  what the writer read (S3: its ETag; locally: its sha256 under a lock file). The loser gets
+  ``AliasMovedError`` and is never retried blindly: the gate compared the candidate with a version that is
+  no longer current.
 Nothing points at a version before it is complete, and a reader skips versions that are not ready.
 
 Every claim and alias record carries a ``write_id`` of its own (a random uuid). A conditional write can be
@@ -260,7 +261,8 @@ class Registry:
         aliases: dict[int, list[str]] = {}
         for uri in storage.list_files(storage.join(self._model(model), "aliases"), suffix=".json"):
             record = json.loads(storage.read_bytes(uri))
-            aliases.setdefault(record["version"], []).append(record["alias"])
+            if record["version"] is not None:  # a cleared alias names none
+                aliases.setdefault(record["version"], []).append(record["alias"])
         rows = [("version", "aliases", "top-1", "top-5", "epoch", "created", "run")]
         for v in self.versions(model):
             m = v.meta.get("metrics", {})
@@ -290,6 +292,8 @@ class Registry:
         record, _ = self.read_alias(model, alias or "production")
         if record is None:
             raise RegistryError(f"{model} has no alias {alias!r} in {self.root}: promote a run first")
+        if record["version"] is None:
+            raise RegistryError(f"{model}:{alias} names no version (cleared {record['updated']}): promote a run first")
         return self.get(model, record["version"])
 
     def move_alias(
@@ -317,7 +321,7 @@ class Registry:
     def rollback(self, model: str, alias: str, *, why: str = "rollback") -> dict:
         """Point ``alias`` back at the version before its current one (its lineage), compare-and-swap."""
         record, tag = self.read_alias(model, alias)
-        if record is None or len(record["lineage"]) < 2:
+        if record is None or record["version"] is None or len(record["lineage"]) < 2:
             raise RegistryError(f"{model}:{alias} has no earlier version to roll back to")
         lineage = record["lineage"][:-1]
         target = lineage[-1]
@@ -333,7 +337,26 @@ class Registry:
         }
         return self._swap(model, alias, new, tag, target)
 
-    def _swap(self, model: str, alias: str, new: dict, tag: str | None, number: int) -> dict:
+    def clear_alias(
+        self, model: str, alias: str, *, expected: tuple[dict | None, str | None], why: str, **extra
+    ) -> dict:
+        """Make ``alias`` name no version if it is still ``expected`` (from ``read_alias``), AliasMovedError
+        if someone moved or cleared it in between: a canary once it is judged. The record stays, with the entry
+        (``extra``: the evidence) in its history and the lineage as it was; moving it again continues both."""
+        record, tag = expected
+        if record is None or record["version"] is None:
+            raise RegistryError(f"{model}:{alias} names no version: there is nothing to clear")
+        entry = {"version": None, "previous": record["version"], "when": now(), "who": who(), "why": why, **extra}
+        new = {
+            **record,
+            "version": None,
+            "previous": record["version"],
+            "updated": entry["when"],
+            "history": [*record["history"], entry],
+        }
+        return self._swap(model, alias, new, tag, None)
+
+    def _swap(self, model: str, alias: str, new: dict, tag: str | None, number: int | None) -> dict:
         """Write the alias record ``new`` if the alias still has ``tag``; AliasMovedError if it has not."""
         new = {**new, "write_id": new_write_id()}  # a rollback copies the old record: never its write_id
         uri = self._alias_uri(model, alias)
@@ -345,10 +368,16 @@ class Registry:
             if wrote(uri, new["write_id"]):  # our own move, met by boto3's retry: done, not "moved meanwhile"
                 return new
             now_at, _ = self.read_alias(model, alias)
+            now_names = f"version {now_at['version']}" if now_at and now_at["version"] is not None else "no version"
+            if number is None:
+                raise AliasMovedError(
+                    f"{model}:{alias} was moved or cleared by another writer since it was read (now {now_names}); "
+                    "not cleared"
+                ) from None
             raise AliasMovedError(
-                f"{model}:{alias} was moved by another promotion while this one ran (now version "
-                f"{now_at['version'] if now_at else None}); not moved to version {number}, which stays registered: "
-                "run the promotion again to compare with the new current version"
+                f"{model}:{alias} was moved by another promotion while this one ran (now {now_names}); not moved to "
+                f"version {number}, which stays registered: run the promotion again to compare with the new current "
+                "version"
             ) from None
         return new
 

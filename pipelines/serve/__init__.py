@@ -2,7 +2,11 @@
 
 - ``app``: the deployment and its routes (/v1, the Open Inference Protocol's /v2, administration)
 - ``settings``: its arguments (infra/serve.yaml's ``args``)
-- ``model``: the served version, and the thread that follows the registry (hot reload)
+- ``model``: the served versions (production, and a canary beside it), and the thread that follows the
+  registry (hot reload)
+- ``rollout``: the canary's split or shadow, and the judge that promotes or rolls it back
+  (``python -m jobs.rollout`` and ``canary.auto``)
+- ``evidence``: live figures per version from every replica, summed by the application's Rollout deployment
 - ``images``: a request's images -> the model's input, with the checks hostile files need (CPU or GPU)
 - ``oip``: the Open Inference Protocol's request and response codec (binary extension included)
 - ``auth``: the classification and admin bearer tokens

@@ -9,8 +9,13 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 - The Open Inference Protocol (KServe v2 REST, pipelines/serve/oip.py): ``GET /v2``,
   ``/v2/health/{live,ready}``, ``/v2/models/{name}[/versions/{v}]``, ``.../ready``, ``POST .../infer``.
 - Administration, off unless an admin token is configured (pipelines/serve/auth.py): ``GET
-  /v1/admin/status`` (the registry, the alias, refused versions and why, the settings) and ``POST
-  /v1/admin/reload`` (the replica that takes it checks the alias now; 504 if that does not end in time).
+  /v1/admin/status[?window=600]`` (the registry, the alias, refused versions and why, the settings, the
+  canary, and the live evidence per version from every replica) and ``POST /v1/admin/reload`` (the replica
+  that takes it checks the aliases now; 504 if that does not end in time).
+
+A canary (``canary`` settings; pipelines/serve/rollout.py) is a second alias followed beside production: its
+version answers a share of the inference requests, or runs them in production's shadow; each replica
+reports what its requests showed to the application's ``Rollout`` deployment (pipelines/serve/evidence.py).
 
 Each replica decodes and preprocesses on a thread pool (Pillow releases the GIL) with the evaluation
 preprocessing that training used (pipelines/serve/images.py), or, with ``decode_on_device``, hands a batch's
@@ -29,10 +34,12 @@ decoding holds one image per decode thread.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from importlib.metadata import version as package_version
@@ -45,21 +52,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
 from pipelines.preprocess import eval_transform_array
 from pipelines.registry.store import Registry
-from pipelines.serve import images, oip
+from pipelines.serve import images, oip, rollout
 from pipelines.serve.auth import Token, TokenError
 from pipelines.serve.batching import Batcher
 from pipelines.serve.errors import ClientError
-from pipelines.serve.model import Follower, Loaded, load_version
-from pipelines.serve.settings import ServeSettings
+from pipelines.serve.evidence import REPORT_S, Board, Tally
+from pipelines.serve.model import Loaded, Served, load_version
+from pipelines.serve.rollout import Pick
+from pipelines.serve.settings import ServeSettings, nest
 
 log = logging.getLogger("ray.serve.crossvit")  # under Serve's logger: into the replica's log files
 
 RELOAD_TIMEOUT_S = 300.0  # the most an admin reload waits for its check (a large version, slow storage)
+BOARD_TIMEOUT_S = 10.0  # the most the admin status waits for the evidence board
 INLINE_JSON_BYTES = 64 * 1024  # an OIP request's JSON up to this size is parsed on the event loop
 # The request bodies the routes read themselves (FastAPI cannot infer them), for the OpenAPI document.
 _FILE = {"type": "string", "format": "binary"}
@@ -78,6 +89,10 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -109,7 +124,7 @@ def _request_id(request: Request) -> str:
 @serve.deployment(name="Classifier")
 @serve.ingress(app)
 class Classifier:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, board: DeploymentHandle | None = None):
         self.settings = s = ServeSettings(**settings)
         self.log_level = logging.getLevelName(s.request_log_level)  # the per-request line's level
         self.token = Token("classification", s.auth_token_env, s.auth_token_file)
@@ -134,8 +149,9 @@ class Classifier:
         def load(version):
             return load_version(self.registry, version, self.device, self.model_thread, shapes, s.compile)
 
-        self.follower = Follower(self.registry, s.model, s.alias, s.version, s.poll_interval_s, load)
+        self.served = Served(self.registry, s.model, s.alias, s.version, s.canary.alias, s.poll_interval_s, load)
         self.batcher = Batcher(self._infer, s.max_batch_size, s.batch_wait_timeout_s)
+        self._shadows: set[asyncio.Task] = set()  # shadow runs under way (a reference each, until they end)
         self._last_token_error = ""
         self.requests = metrics.Counter(
             "crossvit_requests",
@@ -155,13 +171,37 @@ class Classifier:
         self.compute_ms = metrics.Histogram(
             "crossvit_compute_ms", description="One model call, on-device decoding included (ms)", boundaries=ms
         )
+        self.request_ms = metrics.Histogram(
+            "crossvit_request_ms", description="An inference request answered, by version and role (ms)",
+            boundaries=ms, tag_keys=("version", "role"),
+        )  # fmt: skip
+        self.confidence = metrics.Histogram(
+            "crossvit_top1_confidence", description="The top-1 probability of each image, by version and role",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], tag_keys=("version", "role"),
+        )  # fmt: skip
+        self.shadow_runs = metrics.Counter(
+            "crossvit_shadow_runs", description="Canary runs in production's shadow, by version and whether the "
+            "top-1 agreed (true, false), the run failed (error) or was skipped (skipped: the model was behind)",
+            tag_keys=("version", "agreed"),
+        )  # fmt: skip
+        # The live evidence: what this replica's requests show, reported every REPORT_S to the board.
+        self.tally, self.board = Tally(), board
+        self.counted = 0  # the requests this replica counted as evidence since it started (the status shows it)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._reporter: asyncio.Task | None = None
+        self._unsent: list[tuple[int, list]] = []  # numbered reports the board has not acknowledged
+        self._reports = 0
+        with contextlib.suppress(RuntimeError):  # Serve runs the constructor on the replica's event loop
+            self._start_reporter()
 
     # -- the model --------------------------------------------------------------------------------------
     def check_health(self) -> None:
         """Serve's health check: a live registry watcher (when following an alias) and a live batcher. An
         unreadable registry is not a reason to restart a replica (it serves what it holds): readiness and
         the status say so instead."""
-        if not self.follower.alive:
+        with contextlib.suppress(RuntimeError):  # a replica without requests reports its state too
+            self._start_reporter()
+        if not self.served.alive:
             raise RuntimeError("the registry watcher died")
         if self.batcher.failure:
             raise RuntimeError(f"the batcher failed: {self.batcher.failure}")
@@ -207,27 +247,126 @@ class Classifier:
                 self.batch_sizes.observe(classified)
         return out
 
-    async def _probabilities(self, loaded: Loaded, data: bytes | np.ndarray) -> tuple[np.ndarray, int]:
-        """One image (encoded bytes, or decoded uint8 HWC pixels) through ``loaded``: its probabilities and
-        the number of images in the model call that answered it."""
-        s, loop = self.settings, asyncio.get_running_loop()
+    def _prepare(self, loaded: Loaded, data: bytes | np.ndarray) -> np.ndarray | bytes:
+        """On a decode thread: an image (encoded bytes, or decoded uint8 HWC pixels) -> ``loaded``'s input."""
+        s = self.settings
+        if isinstance(data, np.ndarray):
+            return eval_transform_array(data, loaded.size)
+        if s.decode_on_device and images.for_device(data, s.max_pixels):
+            return data  # checked on the CPU, decoded with the batch on the device
+        return images.decode(data, loaded.size, s.max_pixels)
 
-        def prepare_here():
-            if isinstance(data, np.ndarray):
-                return eval_transform_array(data, loaded.size)
-            if s.decode_on_device and images.for_device(data, s.max_pixels):
-                return data  # checked on the CPU, decoded with the batch on the device
-            return images.decode(data, loaded.size, s.max_pixels)
+    async def _run(self, loaded: Loaded, prepared: Awaitable) -> tuple[object, int]:
+        """A prepared input through ``loaded`` in the next batch: (probabilities or ClientError, batch size)."""
 
-        decoding = loop.run_in_executor(self.decode_pool, prepare_here)
+        async def ready() -> tuple[object, Loaded, float]:
+            return await prepared, loaded, time.perf_counter()
 
-        async def prepare() -> tuple[object, Loaded, float]:
-            return await decoding, loaded, time.perf_counter()
+        return await self.batcher.submit(ready())
 
-        result, batch = await self.batcher.submit(prepare())
+    async def _probabilities(self, pick: Pick, data: bytes | np.ndarray) -> tuple[np.ndarray, int]:
+        """One image through the version ``pick`` names: its probabilities and the number of images in the
+        model call that answered it; the image's top-1 is evidence, and ``pick.shadow`` runs it too."""
+        loaded, loop = pick.loaded, asyncio.get_running_loop()
+        prepared = loop.run_in_executor(self.decode_pool, self._prepare, loaded, data)
+        result, batch = await self._run(loaded, prepared)
         if isinstance(result, ClientError):
             raise result
+        top1 = float(result.max())
+        self.confidence.observe(top1, tags={"version": str(loaded.version.number), "role": pick.role})
+        if not pick.forced:
+            self.tally.confidence(loaded.version.number, pick.role, top1)
+        if pick.shadow is not None:
+            self._start_shadow(pick.shadow, data, prepared if pick.shadow.size == loaded.size else None, result)
         return result, batch
+
+    def _start_shadow(self, canary: Loaded, data: bytes | np.ndarray, prepared: asyncio.Future | None,
+                      answer: np.ndarray) -> None:  # fmt: skip
+        """Run an answered image on the canary too, after the answer and without delaying it; compared, never
+        returned. ``prepared``: production's input, when the canary takes the same. While as many shadow
+        runs as one batch are under way the model is behind: the image is not shadowed (counted as skipped)."""
+        version = canary.version.number
+        if len(self._shadows) >= self.settings.max_batch_size:
+            self.shadow_runs.inc(tags={"version": str(version), "agreed": "skipped"})
+            return
+
+        async def shadow() -> None:
+            start, loop = time.perf_counter(), asyncio.get_running_loop()
+            try:
+                payload = prepared or loop.run_in_executor(self.decode_pool, self._prepare, canary, data)
+                probs, _ = await self._run(canary, payload)
+                if isinstance(probs, Exception):
+                    raise probs
+            except Exception as e:  # the canary's failure: evidence against it, never the client's
+                log.warning("version %d failed in production's shadow: %s", version, e)
+                self.tally.shadow(version, 0.0)
+                self.shadow_runs.inc(tags={"version": str(version), "agreed": "error"})
+                return
+            agreed = int(probs.argmax()) == int(answer.argmax())
+            ms = 1000 * (time.perf_counter() - start)
+            self.tally.shadow(version, ms, float(probs.max()), float(answer.max()), agreed)
+            self.shadow_runs.inc(tags={"version": str(version), "agreed": str(agreed).lower()})
+
+        task = asyncio.get_running_loop().create_task(shadow())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    # -- the evidence ---------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        """What this replica serves, for the board (the judge rolls back a canary that replicas refuse)."""
+        state = {"production": self.served.production.current.version.number, "requests": self.counted}
+        if self.served.canary is not None:
+            canary = self.served.canary.status()
+            state.update(canary=canary.serving, canary_refused=canary.refused, canary_error=canary.load_error)
+        return state
+
+    def _start_reporter(self) -> None:
+        """The reporter runs on the replica's event loop, where Serve's handles work (with Serve's
+        throughput-optimized mode they need a running loop); started again by a request if it ended."""
+        if self.board is not None and (self._reporter is None or self._reporter.done()):
+            self._reporter = asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        """Every REPORT_S, this replica's figures (a numbered report) and state to the board. Reports the board
+        has not acknowledged are sent again with their numbers (it adds each number once), the last hour's at
+        most; an error is logged when it changes."""
+        last_error = None
+        while True:
+            await asyncio.sleep(REPORT_S)
+            if taken := self.tally.take():
+                self._reports += 1
+                self._unsent = [*self._unsent[-int(3600 / REPORT_S) :], (self._reports, taken)]
+            try:
+                call = self.board.report.remote(self.replica_id, self._unsent, self._state())
+                acknowledged = await asyncio.wait_for(call, 10 * REPORT_S)
+                self._unsent = [(n, stats) for n, stats in self._unsent if n > acknowledged]
+                last_error = None
+            except Exception as e:
+                if _why(e) != last_error:
+                    log.warning("the evidence board did not take this replica's report: %s", _why(e))
+                    last_error = _why(e)
+
+    async def _evidence(self, window_s: float | None) -> dict | None:
+        """Every replica's evidence, from the board; what went wrong instead if it does not answer."""
+        if self.board is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.board.evidence.remote(window_s), BOARD_TIMEOUT_S)
+        except Exception as e:
+            return {"error": f"the evidence board did not answer: {_why(e)}"}
+
+    def _canary_status(self) -> dict | None:
+        """This replica's canary: the version it serves for it, or why none."""
+        c, follower = self.settings.canary, self.served.canary
+        if follower is None:
+            return None
+        state = follower.status()
+        why_not = None
+        if state.serving is None:
+            why_not = state.load_error or state.registry_error or f"the alias {c.alias} names no version"
+        return {"alias": c.alias, "mode": c.mode, "percent": c.percent, "auto": c.auto, "version": state.serving,
+                "alias_version": state.alias_version, "refused_version": state.refused,
+                "load_error": state.load_error, "registry_error": state.registry_error, "why_not": why_not}  # fmt: skip
 
     # -- request handling ---------------------------------------------------------------------------------
     def _authorize(self, request: Request, token: Token, admin: bool = False) -> None:
@@ -285,8 +424,9 @@ class Classifier:
         finally:
             await form.close()  # the parts' spooled temporary files
 
-    async def _classify(self, loaded: Loaded, data: bytes, top_k: int) -> dict:
-        probs, batch = await self._probabilities(loaded, data)
+    async def _classify(self, pick: Pick, data: bytes, top_k: int) -> dict:
+        loaded = pick.loaded
+        probs, batch = await self._probabilities(pick, data)
         top = np.argsort(-probs)[:top_k]
         return {
             "model": loaded.version.model,
@@ -306,16 +446,33 @@ class Classifier:
             raise ClientError(400, f"top_k must be within 1..{classes}")
         return top_k
 
-    async def _handle(self, route: str, request: Request, work, token: Token | None = None) -> Response:
+    def _pick(self, request: Request, inference: bool) -> Pick:
+        """Who answers: production, or the canary for its share of the inference requests (and a version
+        forced by the X-Model-Version header or an OIP route's version)."""
+        c, canary = self.settings.canary, self.served.canary
+        forced = request.path_params.get("version") or request.headers.get(rollout.FORCE_HEADER)
+        try:
+            return rollout.choose(self.served.production.current, canary.current if canary else None, c.mode,
+                                  c.percent, _request_id(request), forced, split=inference)  # fmt: skip
+        except rollout.NotServed as e:
+            raise ClientError(404, str(e)) from None
+
+    async def _handle(
+        self, route: str, request: Request, work, token: Token | None = None, inference: bool = False
+    ) -> Response:
         """Run a route's work after its authorization (the classification token unless another is named):
-        ``work(loaded)`` returns the answer (a dict for JSON, or a Response) for the version captured at the
-        start, which is the version the log line and the counters name. A ClientError is its 4xx, anything
-        else a JSON 500 (counted and logged; the replica stays up); a request cancelled by its client is
-        counted and logged as such."""
-        start, loaded = time.perf_counter(), self.follower.current
+        ``work(pick)`` returns the answer (a dict for JSON, or a Response) from the version picked at the
+        start (``_pick``), which is the version the log line, the counters and the evidence name. A
+        ClientError is its 4xx, anything else a JSON 500 (counted and logged; the replica stays up); a
+        request cancelled by its client is counted and logged as such."""
+        start, pick = time.perf_counter(), Pick(self.served.production.current)
+        self._start_reporter()
+        picked = False  # a request refused before it was routed (a token, a forced version) is no evidence
         try:
             self._authorize(request, token or self.token, admin=token is self.admin_token)
-            answer = await work(loaded)
+            pick = self._pick(request, inference)
+            picked = True
+            answer = await work(pick)
             response = answer if isinstance(answer, Response) else JSONResponse(_finite(answer))
             outcome = "ok"
         except ClientError as e:
@@ -325,68 +482,78 @@ class Classifier:
         except ClientDisconnect:
             response, outcome = error(400, "the client went away before the body arrived"), "client_gone"
         except asyncio.CancelledError:  # the client went away while it waited: nobody reads an answer
-            self._record(route, "cancelled", 499, loaded, request, start)
+            self._record(route, "cancelled", 499, pick, request, start, inference and picked)
             raise
         except Exception as e:
             log.exception("%s failed", route)
             response, outcome = error(500, f"internal error: {type(e).__name__}"), "server_error"
-        self._record(route, outcome, response.status_code, loaded, request, start)
+        self._record(route, outcome, response.status_code, pick, request, start, inference and picked)
         return response
 
-    def _record(self, route: str, outcome: str, status: int, loaded: Loaded, request: Request, start: float) -> None:
-        """The request's counter and its log line (499: nginx's code for a client that closed the request)."""
-        version = str(loaded.version.number)
+    def _record(
+        self, route: str, outcome: str, status: int, pick: Pick, request: Request, start: float, evidence: bool
+    ) -> None:
+        """The request's counters, its evidence (an inference request that was routed) and its log line (499:
+        nginx's code for a client that closed the request)."""
+        ms, version = 1000 * (time.perf_counter() - start), str(pick.loaded.version.number)
         self.requests.inc(tags={"route": route, "outcome": outcome, "version": version})
-        log.log(self.log_level, "%s %s %d version=%s request_id=%s %.1f ms", route, outcome, status, version,
-                _request_id(request), 1000 * (time.perf_counter() - start))  # fmt: skip
+        if evidence and outcome != "cancelled":
+            if outcome == "ok":
+                self.request_ms.observe(ms, tags={"version": version, "role": pick.role})
+            if not pick.forced:
+                kind = "ok" if outcome == "ok" else "error" if outcome == "server_error" else "client_error"
+                self.tally.request(pick.loaded.version.number, pick.role, kind, ms)
+                self.counted += kind != "client_error"  # as the evidence counts requests
+        log.log(self.log_level, "%s %s %d version=%s request_id=%s role=%s %.1f ms", route, outcome, status, version,
+                _request_id(request), "forced" if pick.forced else pick.role, ms)  # fmt: skip
 
     # -- /v1 -------------------------------------------------------------------------------------------------
     @app.post("/v1/classify", summary="Classify one image", openapi_extra=ONE_IMAGE)
     async def classify(self, request: Request, top_k: int | None = Query(None)) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            k = self._top_k(top_k, loaded)
+        async def work(pick: Pick) -> dict:
+            k = self._top_k(top_k, pick.loaded)
             (data,) = await self._images(request, many=False)
-            return await self._classify(loaded, data, k)
+            return await self._classify(pick, data, k)
 
-        return await self._handle("classify", request, work)
+        return await self._handle("classify", request, work, inference=True)
 
     @app.post("/v1/classify/batch", summary="Classify the 'image' fields of a form", openapi_extra=IMAGE_FORM)
     async def classify_batch(self, request: Request, top_k: int | None = Query(None)) -> JSONResponse:
-        async def one(loaded: Loaded, data: bytes, k: int) -> dict:
+        async def one(pick: Pick, data: bytes, k: int) -> dict:
             try:
-                return await self._classify(loaded, data, k)
+                return await self._classify(pick, data, k)
             except ClientError as e:
                 return {"error": str(e), "status": e.status}
 
-        async def work(loaded: Loaded) -> dict:
-            k = self._top_k(top_k, loaded)
+        async def work(pick: Pick) -> dict:
+            k = self._top_k(top_k, pick.loaded)
             found = await self._images(request, many=True)
-            return {"results": list(await asyncio.gather(*(one(loaded, d, k) for d in found)))}
+            return {"results": list(await asyncio.gather(*(one(pick, d, k) for d in found)))}
 
-        return await self._handle("classify_batch", request, work)
+        return await self._handle("classify_batch", request, work, inference=True)
 
     @app.get("/v1/models", summary="What is served: the model, its version, classes and preprocessing")
     async def models(self, request: Request) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            return loaded.version.describe()
+        async def work(pick: Pick) -> dict:
+            return pick.loaded.version.describe()
 
         return await self._handle("models", request, work)
 
     @app.get("/healthz", summary="Liveness, and whether the registry could be read at the last check")
     async def healthz(self) -> dict:
-        state = self.follower.status()
+        state = self.served.production.status()
         return {
             "status": "ok" if state.registry_error is None else "degraded",
             "registry": "readable" if state.registry_error is None else "unreadable",
             "model": self.settings.model,
-            "version": self.follower.current.version.number,
+            "version": self.served.production.current.version.number,
         }
 
     # -- administration --------------------------------------------------------------------------------------
     @app.get("/v1/admin/status", include_in_schema=False)
-    async def admin_status(self, request: Request) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            s, state = self.settings, self.follower.status()
+    async def admin_status(self, request: Request, window: float | None = Query(None, gt=0)) -> JSONResponse:
+        async def work(pick: Pick) -> dict:
+            s, loaded, state = self.settings, self.served.production.current, self.served.production.status()
             return {
                 **loaded.version.describe(),
                 "source": loaded.version.source(),  # storage URIs: operators only
@@ -398,21 +565,24 @@ class Classifier:
                 "registry_error": state.registry_error,  # why the last check could not read the registry
                 "last_check": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.last_check)),
                 "settings": {k: v for k, v in asdict(s).items() if "token" not in k},
+                "canary": self._canary_status(),  # this replica's
+                "rollout": await self._evidence(window),  # every replica's, over the window (seconds)
             }
 
         return await self._handle("admin_status", request, work, token=self.admin_token)
 
     @app.post("/v1/admin/reload", include_in_schema=False)
     async def reload(self, request: Request) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            if self.settings.version is not None:
+        async def work(pick: Pick) -> dict:
+            if self.settings.version is not None and self.served.canary is None:
                 raise ClientError(409, "this application serves a pinned version and follows no alias")
             loop = asyncio.get_running_loop()
-            if not await loop.run_in_executor(None, self.follower.check_now, RELOAD_TIMEOUT_S):
+            if not await loop.run_in_executor(None, self.served.check_now, RELOAD_TIMEOUT_S):
                 raise ClientError(504, f"the alias check did not end within {RELOAD_TIMEOUT_S:g} s; it goes on")
-            state = self.follower.status()
-            return {"version": self.follower.current.version.number, "load_error": state.load_error,
-                    "registry_error": state.registry_error}  # fmt: skip
+            state = self.served.production.status()
+            canary = self._canary_status()
+            return {"version": self.served.production.current.version.number, "load_error": state.load_error,
+                    "registry_error": state.registry_error, "canary": canary and canary["version"]}  # fmt: skip
 
         return await self._handle("reload", request, work, token=self.admin_token)
 
@@ -431,27 +601,28 @@ class Classifier:
 
     @app.get("/v2/health/ready", summary="OIP readiness: a version is loaded and the registry could be read")
     async def ready(self) -> JSONResponse:
-        problem = self.follower.status().registry_error
+        problem = self.served.production.status().registry_error
         return JSONResponse({"ready": problem is None}, status_code=200 if problem is None else 503)
 
-    def _served(self, loaded: Loaded, name: str, version: str | None) -> None:
+    def _served(self, name: str) -> None:
+        """The model an OIP route names is this application's (its version was chosen by ``_pick``)."""
         if name != self.settings.model:
             raise ClientError(404, f"no model {name!r} here: this application serves {self.settings.model!r}")
-        if version is not None and version != str(loaded.version.number):
-            raise ClientError(404, f"version {version} of {name} is not served here; served: [{loaded.version.number}]")
 
     @app.get("/v2/models/{name}", summary="OIP model metadata")
     @app.get("/v2/models/{name}/versions/{version}", summary="OIP model metadata of a version")
     async def model_metadata(self, request: Request, name: str, version: str | None = None) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            self._served(loaded, name, version)
+        async def work(pick: Pick) -> dict:
+            self._served(name)
+            canary = self.served.canary and self.served.canary.current
+            served = [self.served.production.current, *([canary] if canary else [])]
             return {
                 "name": name,
-                "versions": [str(loaded.version.number)],
+                "versions": sorted({str(v.version.number) for v in served}),
                 "platform": "pytorch",
                 "inputs": [{"name": oip.INPUT, "datatype": "BYTES", "shape": [-1]}],  # or UINT8 [-1, -1, -1, 3]
                 "outputs": [
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(loaded.names)]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(pick.loaded.names)]},
                     {"name": "classes", "datatype": "BYTES", "shape": [-1, -1]},
                 ],
             }
@@ -461,8 +632,8 @@ class Classifier:
     @app.get("/v2/models/{name}/ready", summary="OIP model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", summary="OIP model readiness of a version")
     async def model_ready(self, request: Request, name: str, version: str | None = None) -> JSONResponse:
-        async def work(loaded: Loaded) -> dict:
-            self._served(loaded, name, version)
+        async def work(pick: Pick) -> dict:
+            self._served(name)
             return {"name": name, "ready": True}
 
         return await self._handle("v2_ready", request, work)
@@ -475,9 +646,9 @@ class Classifier:
     )  # fmt: skip
     @app.post("/v2/models/{name}/versions/{version}/infer", summary="OIP inference on a version")
     async def infer(self, request: Request, name: str, version: str | None = None) -> Response:
-        async def work(loaded: Loaded) -> Response:
-            s = self.settings
-            self._served(loaded, name, version)
+        async def work(pick: Pick) -> Response:
+            s, loaded = self.settings, pick.loaded
+            self._served(name)
             body = await self._body(request)
             length = request.headers.get(oip.HEADER)
             parse = functools.partial(oip.parse_request, body, length, s.max_batch_images)
@@ -488,7 +659,7 @@ class Classifier:
                 parsed = parse()
             k = self._top_k(parsed.top_k, loaded)
             elements = parsed.images if parsed.images is not None else list(parsed.pixels)
-            answers = await asyncio.gather(*(self._probabilities(loaded, e) for e in elements), return_exceptions=True)
+            answers = await asyncio.gather(*(self._probabilities(pick, e) for e in elements), return_exceptions=True)
             for i, answer in enumerate(answers):
                 if isinstance(answer, ClientError):
                     raise ClientError(answer.status, f"image {i}: {answer}")
@@ -499,10 +670,17 @@ class Classifier:
             content, headers = oip.encode_response(name, loaded.version.number, parsed, probs, classes)
             return Response(content, headers=headers)
 
-        return await self._handle("v2_infer", request, work)
+        return await self._handle("v2_infer", request, work, inference=True)
+
+
+def application(settings: dict, options: dict | None = None) -> serve.Application:
+    """The application: the Classifier (the ingress, with ``options`` from the config file's deployment) and
+    its evidence board (``Rollout``); ``settings`` are ServeSettings (dotted keys such as canary.alias too)."""
+    args = ServeSettings(**nest(settings)).to_dict()
+    classifier = Classifier.options(**options) if options else Classifier
+    return classifier.bind(args, Board.bind(args))
 
 
 def build(args: dict) -> serve.Application:
     """The application builder named in infra/serve.yaml (``import_path``): ``args`` are ServeSettings."""
-    settings = ServeSettings(**(args or {}))
-    return Classifier.bind(asdict(settings))
+    return application(args or {})

@@ -54,6 +54,10 @@ class Token:
                 raise TokenError(f"the {self.what} token file {self.file} is empty")
             return self._value
 
+    def value(self) -> str:
+        """The token itself (a client's: the rollout judge sends it)."""
+        return self._current().decode()
+
     def same_as(self, other: Token) -> bool:
         """Both configured with the same value (a classification token that would also administer)."""
         return self.configured and other.configured and hmac.compare_digest(self._current(), other._current())

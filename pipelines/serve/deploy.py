@@ -13,8 +13,8 @@ import yaml
 from ray import serve
 
 from pipelines.cluster import ResourcePlanError, connect
-from pipelines.serve.app import Classifier
-from pipelines.serve.settings import ServeSettings
+from pipelines.serve.app import application
+from pipelines.serve.settings import nest
 
 
 def load_serve_config(path: str | Path) -> dict:
@@ -70,12 +70,11 @@ def deploy(
     args) on the Ray cluster this process belongs to (or a local one); returns its base URL."""
     connect()
     (app,) = config["applications"]
-    args = {**(app.get("args") or {}), **{k: v for k, v in settings.items() if v is not None}}
+    args = nest({**(app.get("args") or {}), **{k: v for k, v in settings.items() if v is not None}})
     options = deployment_options(config)
     if check_resources:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         plan_serving_resources(options, nodes, ray.available_resources())
     serve.start(http_options={"host": host, "port": port})
-    application = Classifier.options(**options).bind(vars(ServeSettings(**args)))
-    serve.run(application, name=app["name"], route_prefix=app.get("route_prefix", "/"))
+    serve.run(application(args, options), name=app["name"], route_prefix=app.get("route_prefix", "/"))
     return f"http://{host}:{port}{app.get('route_prefix', '/').rstrip('/')}"

@@ -1,16 +1,17 @@
-"""The served model: a version loaded on the replica's device, and the thread that follows the registry.
+"""The served models: versions loaded on the replica's device, and the thread that follows the registry.
 
-``Follower`` owns everything the watcher thread and the request handlers share: the version being served
-(one reference, swapped whole), the version it refused, and why, and whether the registry could be read at
-the last check. Handlers read ``current`` without a lock (one reference assignment is atomic) and the rest
-through ``status()``, a consistent snapshot.
+``Served`` holds production and, if configured, a canary beside it (pipelines/serve/rollout.py), one
+``Follower`` per alias, checked by one watcher thread. A Follower owns everything the watcher and the request
+handlers share for its alias: the version being served (one reference, swapped whole), the version it
+refused, and why, and whether the registry could be read at the last check. Handlers read ``current``
+without a lock (one reference assignment is atomic) and the rest through ``status()``, a consistent snapshot.
 
 Two kinds of failure, kept apart:
 - the registry cannot be read (storage unreachable, throttled): the served version keeps serving, the
   status says so (readiness, /healthz, the admin status), and the next poll tries again;
 - a version is broken (a checksum that does not match, weights that do not load): it is refused and not
   tried again until the alias moves, however often a reload is asked for; a new replica starts with the
-  newest earlier version of the alias's lineage that loads.
+  newest earlier version of the alias's lineage that loads. A canary that is refused serves nobody.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _why(e: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Status:
-    serving: int  # the version that answers
+    serving: int | None  # the version that answers (None: a canary alias that has nothing to serve)
     alias_version: int | None  # what the alias named at the last check that could read it
     refused: int | None  # a version that does not load; not tried again until the alias moves
     load_error: str | None  # why it was refused
@@ -90,28 +91,30 @@ class Status:
 
 
 class Follower:
-    """The version a replica serves: a pinned one, or the one ``alias`` names, followed by polling."""
+    """One alias of a replica: the version it serves for it (``current``) and why not another. Production is
+    a pinned version or an alias, and always serves something; a canary (``optional``) serves nothing while
+    its alias names nothing or a version that does not load. Checked by the replica's one watcher thread
+    (``Served``); request handlers read ``current`` (one reference, swapped whole) and ``status()``."""
 
     def __init__(
-        self, registry: Registry, model: str, alias: str, pinned: int | None, poll_interval_s: float,
-        load: Callable[[ModelVersion], Loaded],
+        self, registry: Registry, model: str, alias: str, load: Callable[[ModelVersion], Loaded],
+        pinned: int | None = None, optional: bool = False,
     ):  # fmt: skip
         self.registry, self.model, self.alias, self.pinned = registry, model, alias, pinned
-        self.poll_interval_s, self._load = poll_interval_s, load
-        self._lock = threading.Condition()
-        self._status = Status(0, None, None, None, None, time.time())
-        self._wake = threading.Event()
-        self._started = self._finished = 0  # checks begun / the last one finished (see check_now)
-        self.current: Loaded = self._first_load()
-        self._update(serving=self.current.version.number)
-        self._thread = threading.Thread(target=self._follow, name="registry-watcher", daemon=True)
-        if pinned is None:
-            self._thread.start()
+        self.optional, self._load = optional, load
+        self._lock = threading.Lock()
+        self._status = Status(None, None, None, None, None, time.time())
+        self.current: Loaded | None = None
+        self.retired: Loaded | None = None  # a canary's model until the next check: a promotion takes it over
+        if optional:
+            self.check()
+        else:
+            self.current = self._first_load()
+            self._update(serving=self.current.version.number)
 
     @property
-    def alive(self) -> bool:
-        """The watcher runs (or nothing needs one: a pinned version)."""
-        return self.pinned is not None or self._thread.is_alive()
+    def follows(self) -> bool:
+        return self.pinned is None
 
     def status(self) -> Status:
         with self._lock:
@@ -128,8 +131,8 @@ class Follower:
         if self.pinned is not None:
             return self._load(self.registry.get(self.model, self.pinned))
         record, _ = self.registry.read_alias(self.model, self.alias)
-        if record is None:
-            self.registry.resolve(self.model, self.alias)  # the registry's error: no such alias
+        if record is None or record["version"] is None:
+            self.registry.resolve(self.model, self.alias)  # the registry's error: no such alias, or cleared
         self._update(alias_version=record["version"])
         for number in reversed(record["lineage"]):
             try:
@@ -144,49 +147,44 @@ class Follower:
             f"no version of {self.model}:{self.alias}'s lineage {record['lineage']} loads: {self.status().load_error}"
         )
 
-    def check_now(self, timeout: float) -> bool:
-        """Ask for a check that begins after this call and wait for it; False if it did not end in time."""
-        with self._lock:
-            wanted = self._started + 1
-        self._wake.set()
-        with self._lock:
-            return self._lock.wait_for(lambda: self._finished >= wanted, timeout=timeout)
+    def _serving(self) -> str:
+        return f"still serving version {self.current.version.number}" if self.current else "serving nothing"
 
-    def _follow(self) -> None:
-        while True:
-            self._wake.wait(self.poll_interval_s)
-            self._wake.clear()
-            with self._lock:
-                self._started += 1
-                mine = self._started
-            try:
-                self._check()
-            except Exception as e:  # never ends the thread: the next poll tries again
-                log.exception("checking %s:%s failed: %s", self.model, self.alias, e)
-            with self._lock:
-                self._finished = mine
-                self._status = replace(self._status, last_check=time.time())
-                self._lock.notify_all()
+    def check(self) -> None:
+        """One poll: read the alias; load what it names if that is new and not refused, and swap it in."""
+        try:
+            self._check()
+        finally:
+            self._update(last_check=time.time())
 
     def _check(self) -> None:
-        """One poll: read the alias; load what it names if that is new and not refused, and swap it in."""
+        name = f"{self.model}:{self.alias}"
+        self.retired = None
         try:
             record, _ = self.registry.read_alias(self.model, self.alias)
         except Exception as e:
             self._update(registry_error=_why(e))
-            log.error("cannot read %s:%s: %s (still serving version %d)", self.model, self.alias, e,
-                      self.current.version.number)  # fmt: skip
+            log.error("cannot read %s: %s (%s)", name, e, self._serving())
             return
-        if record is None:
-            self._update(registry_error=f"the alias {self.model}:{self.alias} does not exist any more")
+        number = record["version"] if record else None
+        if number is None:
+            if self.optional:  # a canary alias that names nothing (yet, or any more): nothing to serve
+                if self.current is not None:
+                    log.warning("%s names no version any more: version %d serves nobody", name,
+                                self.current.version.number)  # fmt: skip
+                self.current, self.retired = None, self.current
+                self._update(serving=None, alias_version=None, refused=None, load_error=None, registry_error=None)
+            else:
+                what = "does not exist any more" if record is None else "names no version any more"
+                self._update(registry_error=f"the alias {name} {what}")
             return
-        number, status = record["version"], self.status()
+        status = self.status()
         self._update(alias_version=number, registry_error=None)
-        if number == self.current.version.number or number == status.refused:
+        if (self.current and number == self.current.version.number) or number == status.refused:
             if number != status.refused:  # the alias is back on the served version: nothing is refused
                 self._update(refused=None, load_error=None)
             return
-        log.warning("%s:%s moved to version %d: loading", self.model, self.alias, number)
+        log.warning("%s names version %d: loading", name, number)
         try:
             loaded = self._load(self.registry.get(self.model, number))
         except Exception as e:
@@ -194,9 +192,72 @@ class Follower:
                 self._update(registry_error=_why(e))
             else:
                 self._update(refused=number, load_error=_why(e))
-            log.error("not switching to version %d: %s (still serving version %d)", number, _why(e),
-                      self.current.version.number)  # fmt: skip
+                if self.optional:  # a canary serves what its alias names, or nobody
+                    self.current = None
+                    self._update(serving=None)
+            log.error("%s: not switching to version %d: %s (%s)", name, number, _why(e), self._serving())
             return
         self.current = loaded  # one assignment: a request sees the old version or the new one
         self._update(serving=number, refused=None, load_error=None)
-        log.warning("now serving %s version %d", self.model, number)
+        log.warning("%s: now serving version %d", name, number)
+
+
+class Served:
+    """What a replica serves: production and, if configured, a canary beside it, followed by one watcher
+    thread that checks both aliases every ``poll_interval_s``. A version one alias serves is not loaded again
+    for the other: a promotion (the canary cleared, then production moved to its version) takes over the
+    canary's model, which a cleared canary keeps until its next check."""
+
+    def __init__(
+        self, registry: Registry, model: str, alias: str, pinned: int | None, canary_alias: str,
+        poll_interval_s: float, load: Callable[[ModelVersion], Loaded],
+    ):  # fmt: skip
+        self.poll_interval_s, self._load = poll_interval_s, load
+        self.canary: Follower | None = None
+        self.production = Follower(registry, model, alias, self._shared, pinned=pinned)
+        if canary_alias:
+            self.canary = Follower(registry, model, canary_alias, self._shared, optional=True)
+        self._followers = [f for f in (self.production, self.canary) if f and f.follows]
+        self._checks = threading.Condition()
+        self._wake = threading.Event()
+        self._started = self._finished = 0  # checks begun / the last one finished (see check_now)
+        self._thread = threading.Thread(target=self._follow, name="registry-watcher", daemon=True)
+        if self._followers:
+            self._thread.start()
+
+    def _shared(self, version: ModelVersion) -> Loaded:
+        """A version the other alias serves already is shared, not loaded twice (nor its memory taken twice)."""
+        for follower in (getattr(self, "production", None), self.canary):
+            for loaded in (follower.current, follower.retired) if follower else ():
+                if loaded is not None and loaded.version.number == version.number:
+                    return loaded
+        return self._load(version)
+
+    @property
+    def alive(self) -> bool:
+        """The watcher runs (or nothing needs one: a pinned version and no canary)."""
+        return not self._followers or self._thread.is_alive()
+
+    def check_now(self, timeout: float) -> bool:
+        """Ask for a check that begins after this call and wait for it; False if it did not end in time."""
+        with self._checks:
+            wanted = self._started + 1
+        self._wake.set()
+        with self._checks:
+            return self._checks.wait_for(lambda: self._finished >= wanted, timeout=timeout)
+
+    def _follow(self) -> None:
+        while True:
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+            with self._checks:
+                self._started += 1
+                mine = self._started
+            for follower in self._followers:
+                try:
+                    follower.check()
+                except Exception as e:  # never ends the thread: the next poll tries again
+                    log.exception("checking %s:%s failed: %s", follower.model, follower.alias, e)
+            with self._checks:
+                self._finished = mine
+                self._checks.notify_all()
