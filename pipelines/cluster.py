@@ -169,10 +169,6 @@ class Capacity:
         head = sum(n.get(resource, 0) > 0 for n in self.nodes if HEAD in n)
         return max(now, head + sum(t.max_count for t in self.node_types if t.resources.get(resource, 0) > 0))
 
-    def largest(self, resource: str) -> float:
-        """The most of ``resource`` on one node, live or to be added."""
-        return max(node.get(resource, 0) for node in self.shapes())
-
     def check_gpus(self, asked_by: str) -> None:
         """A ResourcePlanError when the cluster can never have a GPU."""
         if self.most("GPU") == 0:

@@ -48,7 +48,16 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
 from pipelines.data.dataset import DataSet, DatasetError
-from pipelines.data.reader import IMAGE_SUFFIXES, MISSING, TRUNCATED, UNREADABLE, open_shard, read_tar, sample_id
+from pipelines.data.reader import (
+    IMAGE_SUFFIXES,
+    MISSING,
+    TRUNCATED,
+    UNREADABLE,
+    member_type,
+    open_shard,
+    read_tar,
+    sample_id,
+)
 
 LIST_SUFFIXES = (".parquet", ".csv", ".txt")
 LIST_CHUNK = 100_000  # URIs of a list file per block of the listing
@@ -122,7 +131,7 @@ class Inputs:
 
 
 def _kind(uri: str) -> str | None:
-    suffix = uri.rsplit(".", 1)[-1].lower()
+    suffix = member_type(uri)  # the last extension, as the shards' members are typed
     return "tar" if suffix == "tar" else "image" if suffix in IMAGE_SUFFIXES else None
 
 

@@ -304,18 +304,8 @@ class Registry:
         history entry. Returns the new record."""
         self.get(model, number)  # complete, or an error: an alias never names a half-written version
         record, tag = expected
-        lineage = list(record["lineage"]) if record else []
-        previous = record["version"] if record else None
-        entry = {"version": number, "previous": previous, "when": now(), "who": who(), "why": why, **extra}
-        new = {
-            "model": model,
-            "alias": alias,
-            "version": number,
-            "previous": previous,
-            "lineage": [*lineage, number],  # the versions promoted, in order; a rollback steps back along it
-            "updated": entry["when"],
-            "history": [*(record["history"] if record else []), entry],
-        }
+        lineage = [*(record["lineage"] if record else []), number]  # the versions promoted, in order
+        new = _next_record(model, alias, record, number, record and record["version"], lineage, why, **extra)
         return self._swap(model, alias, new, tag, number)
 
     def rollback(self, model: str, alias: str, *, why: str = "rollback") -> dict:
@@ -323,19 +313,11 @@ class Registry:
         record, tag = self.read_alias(model, alias)
         if record is None or record["version"] is None or len(record["lineage"]) < 2:
             raise RegistryError(f"{model}:{alias} has no earlier version to roll back to")
-        lineage = record["lineage"][:-1]
+        lineage = record["lineage"][:-1]  # a rollback steps back along it
         target = lineage[-1]
         self.get(model, target)
-        entry = {"version": target, "previous": record["version"], "when": now(), "who": who(), "why": why}
-        new = {
-            **record,
-            "version": target,
-            "previous": lineage[-2] if len(lineage) > 1 else None,
-            "lineage": lineage,
-            "updated": entry["when"],
-            "history": [*record["history"], entry],
-        }
-        return self._swap(model, alias, new, tag, target)
+        previous = lineage[-2] if len(lineage) > 1 else None
+        return self._swap(model, alias, _next_record(model, alias, record, target, previous, lineage, why), tag, target)
 
     def clear_alias(
         self, model: str, alias: str, *, expected: tuple[dict | None, str | None], why: str, **extra
@@ -346,14 +328,7 @@ class Registry:
         record, tag = expected
         if record is None or record["version"] is None:
             raise RegistryError(f"{model}:{alias} names no version: there is nothing to clear")
-        entry = {"version": None, "previous": record["version"], "when": now(), "who": who(), "why": why, **extra}
-        new = {
-            **record,
-            "version": None,
-            "previous": record["version"],
-            "updated": entry["when"],
-            "history": [*record["history"], entry],
-        }
+        new = _next_record(model, alias, record, None, record["version"], record["lineage"], why, **extra)
         return self._swap(model, alias, new, tag, None)
 
     def _swap(self, model: str, alias: str, new: dict, tag: str | None, number: int | None) -> dict:
@@ -380,6 +355,26 @@ class Registry:
                 "version"
             ) from None
         return new
+
+
+def _next_record(
+    model: str, alias: str, record: dict | None, version: int | None, previous: int | None, lineage: list[int],
+    why: str, **extra,
+) -> dict:  # fmt: skip
+    """The alias record that follows ``record`` (None: a new alias) naming ``version``, with its history entry
+    (who, when, why, ``extra``). Written by ``_swap``, which adds its write id."""
+    entry = {"version": version, "previous": record and record["version"], "when": now(), "who": who(), "why": why,
+             **extra}  # fmt: skip
+    return {
+        **(record or {}),
+        "model": model,
+        "alias": alias,
+        "version": version,
+        "previous": previous,
+        "lineage": lineage,
+        "updated": entry["when"],
+        "history": [*(record["history"] if record else []), entry],
+    }
 
 
 def version_meta(checkpoint_uri: str, run_uri: str, run_record: dict, metrics: dict, config: dict) -> dict:

@@ -63,7 +63,7 @@ from pipelines.serve.auth import Token, TokenError
 from pipelines.serve.batching import Batcher
 from pipelines.serve.errors import ClientError
 from pipelines.serve.evidence import REPORT_S, Board, Tally
-from pipelines.serve.model import Loaded, Served, load_version
+from pipelines.serve.model import Loaded, Served, load_version, why
 from pipelines.serve.rollout import Pick
 from pipelines.serve.settings import ServeSettings, nest
 
@@ -89,10 +89,6 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
 
 
 def error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -342,9 +338,9 @@ class Classifier:
                 self._unsent = [(n, stats) for n, stats in self._unsent if n > acknowledged]
                 last_error = None
             except Exception as e:
-                if _why(e) != last_error:
-                    log.warning("the evidence board did not take this replica's report: %s", _why(e))
-                    last_error = _why(e)
+                if why(e) != last_error:
+                    log.warning("the evidence board did not take this replica's report: %s", why(e))
+                    last_error = why(e)
 
     async def _evidence(self, window_s: float | None) -> dict | None:
         """Every replica's evidence, from the board; what went wrong instead if it does not answer."""
@@ -353,7 +349,7 @@ class Classifier:
         try:
             return await asyncio.wait_for(self.board.evidence.remote(window_s), BOARD_TIMEOUT_S)
         except Exception as e:
-            return {"error": f"the evidence board did not answer: {_why(e)}"}
+            return {"error": f"the evidence board did not answer: {why(e)}"}
 
     def _canary_status(self) -> dict | None:
         """This replica's canary: the version it serves for it, or why none."""
@@ -574,15 +570,14 @@ class Classifier:
     @app.post("/v1/admin/reload", include_in_schema=False)
     async def reload(self, request: Request) -> JSONResponse:
         async def work(pick: Pick) -> dict:
-            if self.settings.version is not None and self.served.canary is None:
+            if self.settings.version is not None:  # settings refuse a canary beside a pinned version
                 raise ClientError(409, "this application serves a pinned version and follows no alias")
             loop = asyncio.get_running_loop()
             if not await loop.run_in_executor(None, self.served.check_now, RELOAD_TIMEOUT_S):
                 raise ClientError(504, f"the alias check did not end within {RELOAD_TIMEOUT_S:g} s; it goes on")
-            state = self.served.production.status()
-            canary = self._canary_status()
+            state, canary = self.served.production.status(), self.served.canary
             return {"version": self.served.production.current.version.number, "load_error": state.load_error,
-                    "registry_error": state.registry_error, "canary": canary and canary["version"]}  # fmt: skip
+                    "registry_error": state.registry_error, "canary": canary and canary.status().serving}  # fmt: skip
 
         return await self._handle("reload", request, work, token=self.admin_token)
 

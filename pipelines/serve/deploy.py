@@ -14,7 +14,6 @@ from ray import serve
 
 from pipelines.cluster import ResourcePlanError, connect
 from pipelines.serve.app import application
-from pipelines.serve.settings import nest
 
 
 def load_serve_config(path: str | Path) -> dict:
@@ -70,7 +69,7 @@ def deploy(
     args) on the Ray cluster this process belongs to (or a local one); returns its base URL."""
     connect()
     (app,) = config["applications"]
-    args = nest({**(app.get("args") or {}), **{k: v for k, v in settings.items() if v is not None}})
+    args = {**(app.get("args") or {}), **{k: v for k, v in settings.items() if v is not None}}  # application() nests
     options = deployment_options(config)
     if check_resources:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]

@@ -76,7 +76,8 @@ def transient(e: BaseException) -> bool:
     return isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
 
 
-def _why(e: BaseException) -> str:
+def why(e: BaseException) -> str:
+    """An error as the status and the logs show it: its type and message."""
     return f"{type(e).__name__}: {e}"
 
 
@@ -141,7 +142,7 @@ class Follower:
                 if transient(e):
                     raise  # the registry cannot be read: Serve retries the replica, nothing is refused
                 if number == record["version"]:
-                    self._update(refused=number, load_error=_why(e))
+                    self._update(refused=number, load_error=why(e))
                 log.error("%s version %d does not load: %s", self.model, number, e)
         raise RuntimeError(
             f"no version of {self.model}:{self.alias}'s lineage {record['lineage']} loads: {self.status().load_error}"
@@ -163,7 +164,7 @@ class Follower:
         try:
             record, _ = self.registry.read_alias(self.model, self.alias)
         except Exception as e:
-            self._update(registry_error=_why(e))
+            self._update(registry_error=why(e))
             log.error("cannot read %s: %s (%s)", name, e, self._serving())
             return
         number = record["version"] if record else None
@@ -189,13 +190,13 @@ class Follower:
             loaded = self._load(self.registry.get(self.model, number))
         except Exception as e:
             if transient(e):  # not the version's fault: tried again at the next poll
-                self._update(registry_error=_why(e))
+                self._update(registry_error=why(e))
             else:
-                self._update(refused=number, load_error=_why(e))
+                self._update(refused=number, load_error=why(e))
                 if self.optional:  # a canary serves what its alias names, or nobody
                     self.current = None
                     self._update(serving=None)
-            log.error("%s: not switching to version %d: %s (%s)", name, number, _why(e), self._serving())
+            log.error("%s: not switching to version %d: %s (%s)", name, number, why(e), self._serving())
             return
         self.current = loaded  # one assignment: a request sees the old version or the new one
         self._update(serving=number, refused=None, load_error=None)
