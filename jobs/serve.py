@@ -5,13 +5,15 @@
 
 The same application and settings as `serve run infra/serve.yaml` / `serve deploy infra/serve.yaml`
 (--config names another profile, e.g. infra/serve-gpu.yaml): this reads that file and deploys it with the
-registry, model and alias given here. Starts its own Ray if none is running; serves until Ctrl-C.
+registry, model and alias given here. Starts its own Ray if none is running; serves until Ctrl-C (or SIGTERM:
+`ray job stop`), then deletes the application.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--skip-resource-check",
         action="store_true",
-        help="deploy even if no node can hold a replica now (a cluster whose autoscaler adds nodes)",
+        help="deploy without checking that the replicas fit the cluster (the check counts the node types an "
+        "autoscaler may add where the cluster publishes them: KubeRay, python -m jobs.cluster report-node-types)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -60,12 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     canary = f", canary {args.canary_alias} ({args.canary_mode or 'settings of --config'})" if args.canary_alias else ""
     print(f"serving {args.model}:{args.alias if args.version is None else args.version}{canary} at {url}/v1/classify "
           "(Ctrl-C to stop)", flush=True)  # fmt: skip
+    # `ray job stop` sends SIGTERM: stop as on Ctrl-C. Serve keeps an application after the process that deployed
+    # it exits, so without this the job ended and the application (its replicas, the nodes they hold) stayed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         # This application only (others on a shared cluster stay), bounded: a stop must not hang on a busy
-        # cluster. A local Ray this process started goes down with it (ray.shutdown at exit).
+        # cluster. A local Ray this process started goes down with it (ray.shutdown at exit). Under `ray job
+        # stop`, Ray's job supervisor kills this process RAY_JOB_STOP_WAIT_TIME_S (3 s by default) after its
+        # SIGTERM: the delete request has reached Serve's controller by then (tests/test_autoscaling.py), but
+        # "stopped" may not be printed; set that variable where the cluster starts to wait for it.
         stopping = threading.Thread(target=serve.delete, args=(config["applications"][0]["name"],), daemon=True)
         stopping.start()
         stopping.join(timeout=30)

@@ -20,7 +20,7 @@ import queue
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import ray
@@ -156,18 +156,20 @@ class Capacity:
     def autoscaling(self) -> bool:
         return any(t.max_count > 0 for t in self.node_types)
 
+    def _count(self, per_node: Callable[[dict[str, float]], float]) -> float:
+        """``per_node`` summed over what the cluster can have: its head and every node the autoscaler may add
+        (those up now among them), or over its nodes now, if that is more (nodes joined by hand)."""
+        now = sum(per_node(n) for n in self.nodes)
+        head = sum(per_node(n) for n in self.nodes if HEAD in n)
+        return max(now, head + sum(t.max_count * per_node(t.resources) for t in self.node_types))
+
     def most(self, resource: str) -> float:
-        """The most of ``resource`` the cluster can have: its head's and that of every node the autoscaler may
-        add (those up now among them), or what its nodes have now, if that is more (nodes joined by hand)."""
-        now = sum(n.get(resource, 0) for n in self.nodes)
-        head = sum(n.get(resource, 0) for n in self.nodes if HEAD in n)
-        return max(now, head + sum(t.max_count * t.resources.get(resource, 0) for t in self.node_types))
+        """The most of ``resource`` the cluster can have."""
+        return self._count(lambda node: node.get(resource, 0))
 
     def nodes_with(self, resource: str) -> int:
-        """How many nodes with ``resource`` the cluster can have (counted as ``most`` counts)."""
-        now = sum(n.get(resource, 0) > 0 for n in self.nodes)
-        head = sum(n.get(resource, 0) > 0 for n in self.nodes if HEAD in n)
-        return max(now, head + sum(t.max_count for t in self.node_types if t.resources.get(resource, 0) > 0))
+        """How many nodes with ``resource`` the cluster can have."""
+        return int(self._count(lambda node: node.get(resource, 0) > 0))
 
     def check_gpus(self, asked_by: str) -> None:
         """A ResourcePlanError when the cluster can never have a GPU."""
@@ -184,6 +186,15 @@ class Capacity:
     def fits(self, shape: dict[str, float]) -> bool:
         """Whether one node, live or of a type the autoscaler may add, can hold ``shape`` (an actor's resources)."""
         return any(all(node.get(k, 0) >= v for k, v in shape.items() if v) for node in self.shapes())
+
+    def holds(self, shape: dict[str, float]) -> int:
+        """How many actors of ``shape`` the cluster can hold at once at most, packed node by node (three actors
+        of 3 CPUs need three nodes of 4 CPUs, not 9 CPUs anywhere)."""
+
+        def each(node: dict[str, float]) -> int:  # + 1e-9: 0.3 / 0.1 is 2.9999999999999996 in floats
+            return min((math.floor(node.get(k, 0) / v + 1e-9) for k, v in shape.items() if v), default=UNLIMITED)
+
+        return int(self._count(each))
 
 
 def cluster_capacity() -> Capacity:

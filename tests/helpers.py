@@ -58,14 +58,14 @@ def stop_ray(temp_dir: str) -> None:
             proc.kill()
 
 
-# Ray's fake multi-node provider's config (python/ray/autoscaler/_private/fake_multi_node/example.yaml in
-# Ray's repository; the wheel lacks the file, and Ray's v1 autoscaler merges no defaults: every key is here).
+# The autoscaler's config for Ray's fake multi-node provider (its example.yaml in Ray's repository, which the wheel
+# lacks; Ray's v1 autoscaler merges no defaults: every key is here), through tests/fake_nodes.py.
 # fmt: off
 FAKE_CLUSTER = {
     "cluster_name": "fake",
     "max_workers": 4,
-    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                 "disable_launch_config_check": True},
+    "provider": {"type": "external", "module": "fake_nodes.FakeNodesApart", "use_node_id_as_ip": True,
+                 "disable_node_updaters": True, "disable_launch_config_check": True},
     "head_node_type": "ray.head.default",  # the name the fake provider gives its head
     "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {}, "initialization_commands": [],
     "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
@@ -73,6 +73,15 @@ FAKE_CLUSTER = {
     "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
 }
 # fmt: on
+# Where Serve's HAProxy keeps its files on a node (/tmp/haproxy-serve/<node id>/ by default): the fake provider's
+# node IDs are the same in every run, so each cluster keeps them in its own folder.
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -80,14 +89,19 @@ def autoscaling_cluster(worker_types: dict, env: dict):
     """A cluster shaped like infra/aws/cluster.yaml on this machine: a head with 0 CPUs and the given worker
     node types (``{"cpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 1}}``), added by Ray's
     autoscaler (v1, as ``ray up`` runs it) through its fake multi-node provider, which starts each node as a
-    raylet on this machine. Ray's own ``AutoscalingCluster`` runs ``ray stop --force`` (every Ray here, the
-    session's cluster too) and reads the config file the wheel lacks. Yields the head's address; the node
-    types are published as infra/aws/cluster.yaml's head does (``python -m jobs.cluster report-node-types``)."""
+    raylet on this machine (tests/fake_nodes.py: each with Serve's ports and a runtime-env folder of its own).
+    Not Ray's ``AutoscalingCluster`` (ray/cluster_utils.py): its start and shutdown run ``ray stop --force``,
+    which stops every Ray on the machine, this session's cluster too, and it reads the provider's example.yaml,
+    which the wheel lacks. Token authentication as the session's cluster (``env``); the dashboard on, for ``ray
+    job submit``; Serve's ports and HAProxy's files apart from another Ray's. The node types are published as
+    infra/aws/cluster.yaml's head does (``python -m jobs.cluster report-node-types``). Yields the head's address
+    (``address``), the dashboard's URL (``dashboard``) and the cluster's ``temp_dir``."""
+    from pipelines.cluster import HAPROXY_PORTS
     from pipelines.local_s3 import free_port
 
     temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    port, dashboard_port = free_port(), free_port()
+    address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     config = {**FAKE_CLUSTER, "provider": {**FAKE_CLUSTER["provider"], "gcs_address": address}}
     config["available_node_types"] = {
         "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
@@ -96,13 +110,21 @@ def autoscaling_cluster(worker_types: dict, env: dict):
     path = Path(temp) / "autoscaling.json"
     path.write_text(json.dumps(config))
     command = [RAY_CLI, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-               "--num-cpus=0", f"--temp-dir={temp}", f"--autoscaling-config={path}", "--include-dashboard=false",
-               "--disable-usage-stats"]  # fmt: skip
+               "--num-cpus=0", f"--temp-dir={temp}", f"--autoscaling-config={path}", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]  # fmt: skip
     # The monitor stops its nodes on SIGTERM with RAY_AUTOSCALER_FATESHARE_WORKERS.
     fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTOSCALER_FATESHARE_WORKERS": "1"}
+    serve = {  # Serve's listeners and HAProxy's files, apart from those of another Ray on this machine
+        **{name: str(free_port()) for name in (*HAPROXY_PORTS, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")},
+        **{name: str(Path(temp) / "haproxy" / file) for name, file in HAPROXY_FILES.items()},
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32000",  # the replicas' ports: the session cluster's are 31xxx
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "32700",
+    }
+    python_path = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))  # fake_nodes
     head = subprocess.Popen(
         command,
-        env={**env, **fake},
+        env={**env, **fake, **serve, "PYTHONPATH": python_path},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -114,12 +136,23 @@ def autoscaling_cluster(worker_types: dict, env: dict):
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the autoscaling test cluster did not start")
             time.sleep(0.5)
-        yield {"address": address, "temp_dir": temp}
+        token = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+        while not _answers(f"{dashboard}/api/version", token):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the autoscaling test cluster's dashboard did not start")
+            time.sleep(0.5)
+        yield {"address": address, "dashboard": dashboard, "temp_dir": temp}
     finally:
         head.send_signal(signal.SIGTERM)
         stop_ray(temp)  # the fake nodes too (their processes name the folder): no 30 s of graceful stops
         head.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _answers(url: str, headers: dict) -> bool:
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(url, headers=headers, timeout=5).ok
+    return False
 
 
 def train_workers() -> list:
@@ -259,3 +292,16 @@ def serve_test_config(**autoscaling) -> dict:
         **autoscaling,
     )  # fmt: skip
     return config
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector: matchLabels and matchExpressions (In, NotIn, Exists, DoesNotExist)."""
+    operators = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+        operators[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])
+    )

@@ -4,6 +4,7 @@ traffic, a corrupt version, auth, autoscaling, a killed replica, and `serve depl
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from ray.serve.schema import ServeDeploySchema
 from ray.util.state import list_actors
 
 from pipelines import storage
-from pipelines.cluster import SERVE_ENV, ResourcePlanError
+from pipelines.cluster import HEAD, SERVE_ENV, Capacity, NodeType, ResourcePlanError
 from pipelines.label.job import LabelConfig, label, read_labels
 from pipelines.local_s3 import free_port
 from pipelines.preprocess import eval_transform, normalize
@@ -65,15 +66,61 @@ def test_serves_fast_path_is_started_as_documented():
 
 
 def test_replicas_that_cannot_be_placed_are_an_error_before_deploying():
+    """A fixed cluster: one replica must fit one node, and the replicas started at once what is free."""
+    gpu = deployment_options(load_serve_config("infra/serve-gpu.yaml"))  # a replica: 8 CPUs and 1 GPU
+    cpu = deployment_options(load_serve_config("infra/serve.yaml"))  # 1 CPU
+    with pytest.raises(ResourcePlanError, match=r"a replica needs 8 CPU and 1 GPU on one node, and no node has"):
+        plan_serving_resources(gpu, Capacity(({"CPU": 4.0},) * 4), {"CPU": 16.0})  # 16 CPUs, none on one node
+    with pytest.raises(ResourcePlanError, match=r"1 replica\(s\) x 8 CPU = 8 CPU, but the cluster has 2 free"):
+        plan_serving_resources(gpu, Capacity(({"CPU": 16.0, "GPU": 1.0},)), {"CPU": 2.0, "GPU": 1.0})
+    plan_serving_resources(gpu, Capacity(({"CPU": 16.0, "GPU": 1.0},)), {"CPU": 16.0, "GPU": 1.0})
+    plan_serving_resources(cpu, Capacity(({"CPU": 2.0},)), {"CPU": 1.0})
+    with pytest.raises(
+        ResourcePlanError,
+        match=r"needs 1 CPU on one node.*publish its node types first: python -m jobs.cluster report-node-types",
+    ):
+        plan_serving_resources(cpu, Capacity(({"CPU": 0.0, HEAD: 1.0},)), {"CPU": 0.0})  # types unpublished
+
+
+def test_on_a_cluster_that_autoscales_replicas_are_planned_for_the_node_types_it_may_add():
+    """A head with 0 CPUs and nothing free (infra/aws/cluster.yaml's shape): a replica must fit a node type, and
+    the replicas started at once what the cluster can become."""
     gpu = deployment_options(load_serve_config("infra/serve-gpu.yaml"))
     cpu = deployment_options(load_serve_config("infra/serve.yaml"))
-    four_cpu_nodes = [{"CPU": 4.0}] * 4
-    with pytest.raises(ResourcePlanError, match=r"a replica needs 8 CPUs and 1 GPUs on one node, and no node"):
-        plan_serving_resources(gpu, four_cpu_nodes, {"CPU": 16.0})  # enough CPUs in all, none on one node
-    with pytest.raises(ResourcePlanError, match=r"1 replica\(s\) x 8 CPUs = 8 CPUs, but the cluster has 2 free"):
-        plan_serving_resources(gpu, [{"CPU": 16.0, "GPU": 1.0}], {"CPU": 2.0, "GPU": 1.0})
-    plan_serving_resources(gpu, [{"CPU": 16.0, "GPU": 1.0}], {"CPU": 16.0, "GPU": 1.0})
-    plan_serving_resources(cpu, [{"CPU": 2.0}], {"CPU": 1.0})
+    head = ({"CPU": 0.0, HEAD: 1.0},)
+    cpu_nodes, gpu_node = NodeType("cpu", {"CPU": 4.0}, 2), NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 1)
+    plan_serving_resources(cpu, Capacity(head, (cpu_nodes,)), {"CPU": 0.0})
+    with pytest.raises(
+        ResourcePlanError, match=r"1 GPU on one node, .* nor any node type .* \(the largest: 4 CPU, 0 GPU\)"
+    ):
+        plan_serving_resources(gpu, Capacity(head, (cpu_nodes,)), {})
+    plan_serving_resources(gpu, Capacity(head, (cpu_nodes, gpu_node)), {})
+    two = _starting(gpu, 2)
+    with pytest.raises(ResourcePlanError, match=r"2 replica\(s\) of 8 CPU and 1 GPU each .* can hold 1 at most"):
+        plan_serving_resources(two, Capacity(head, (cpu_nodes, gpu_node)), {})
+    plan_serving_resources(two, Capacity(head, (cpu_nodes, dataclasses.replace(gpu_node, max_count=2))), {})
+    plan_serving_resources(two, Capacity(head, (NodeType("gpu2", {"CPU": 16.0, "GPU": 2.0}, 1),)), {})
+    # Packed node by node: 3 CPUs each on nodes of 4 is one replica a node, though 4 x 3 CPUs <= 4 nodes x 4 CPUs.
+    three_cpus = {**cpu, "ray_actor_options": {"num_cpus": 3}}
+    plan_serving_resources(_starting(three_cpus, 4), Capacity(head, (NodeType("cpu", {"CPU": 4.0}, 4),)), {})
+    with pytest.raises(ResourcePlanError, match=r"can hold 3 at most"):
+        plan_serving_resources(_starting(three_cpus, 4), Capacity(head, (NodeType("cpu", {"CPU": 4.0}, 3),)), {})
+    # Custom resources count (a replica that asks for an accelerator of its own goes to nodes that have one), and
+    # nodes that are up already count once.
+    accelerated = {**cpu, "ray_actor_options": {"num_cpus": 1, "resources": {"accelerator": 1}}}
+    with pytest.raises(ResourcePlanError, match=r"1 CPU and 1 accelerator on one node"):
+        plan_serving_resources(accelerated, Capacity(head, (cpu_nodes,)), {})
+    on_accelerators = Capacity(
+        (*head, {"CPU": 1.0, "accelerator": 1.0}), (NodeType("acc", {"CPU": 1, "accelerator": 1}, 2),)
+    )
+    plan_serving_resources(_starting(accelerated, 2), on_accelerators, {})
+    with pytest.raises(ResourcePlanError, match=r"can hold 2 at most"):
+        plan_serving_resources(_starting(accelerated, 3), on_accelerators, {})
+
+
+def _starting(options: dict, n: int) -> dict:
+    """``options`` whose deployment starts ``n`` replicas at once."""
+    return {**options, "autoscaling_config": {**options["autoscaling_config"], "min_replicas": n}}
 
 
 @pytest.fixture(scope="module")

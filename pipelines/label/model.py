@@ -9,6 +9,9 @@ in one copy per batch. With ``pass_jpegs`` the decode tasks leave JPEGs encoded 
 declared size) and the actor decodes and preprocesses them on the GPU with the evaluation path of
 ``pipelines.device`` (nvJPEG), so that a GPU node is not bound by its CPUs; other formats are decoded on
 the CPUs as before.
+
+The actor also counts its rows as Ray metrics (ROWS, ERRORS), for Prometheus and Grafana
+(infra/k8s/monitoring/).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray.util import metrics
 
 from pipelines.data.reader import UNDECODABLE
 from pipelines.preprocess import MAX_PIXELS, eval_transform, normalize, open_image
@@ -29,6 +33,12 @@ from pipelines.registry.store import Registry
 ACTOR_MEMORY = 2 * 2**30  # bytes Ray reserves for each model actor (crossvit_tiny_240 on CPU: 0.9 GiB)
 GPU_BATCHES_IN_FLIGHT = 2  # batches a GPU actor works on at once (see the module's docstring)
 JPEG = b"\xff\xd8"
+# The labeling's Ray metrics, counted by the model's actor: every row passes through exactly one actor call
+# (decode tasks that Ray Data retries would count theirs twice, and the driver sees no rows), so the sum over
+# every node's metrics agent is the cluster's count. An actor reports every 10 s and as it exits; one that is
+# killed (a lost node) takes its last 10 s with it. Exported as ray_<name>_total (tests/test_monitoring.py).
+ROWS = "crossvit_label_rows"
+ERRORS = "crossvit_label_errors"
 
 
 def _undecodable(e: Exception) -> str:
@@ -71,6 +81,24 @@ class Decode:
         }
 
 
+class RowCounts:
+    """An actor's labeled rows (ROWS) and failed ones by problem (ERRORS), per model and version."""
+
+    def __init__(self, model: str, version: int):
+        self.tags = {"model": model, "version": str(version)}
+        self.rows = metrics.Counter(ROWS, description="Rows labeled, errors included", tag_keys=("model", "version"))
+        self.errors = metrics.Counter(
+            ERRORS, description="Rows with an error, by problem", tag_keys=("model", "version", "problem")
+        )
+
+    def count(self, problems: list[str | None]) -> None:
+        """One batch's rows: its problems, None for a row labeled."""
+        if problems:  # Ray's counters take positive increments only
+            self.rows.inc(len(problems), self.tags)
+        for problem in sorted({p for p in problems if p is not None}):
+            self.errors.inc(problems.count(problem), {**self.tags, "problem": problem})
+
+
 class Labeler:
     """The model's actor: loads the version once, labels batches of decoded rows (see the module's docstring).
     Reports every batch's rows and failures to ``counter`` (a ``BadSampleCounter``), and stops the job with
@@ -106,6 +134,7 @@ class Labeler:
         self.top_k, self.embeddings, self.counter = min(top_k, len(self.names)), embeddings, counter
         self.dim = sum(norm.normalized_shape[0] for norm in self.model.norm)  # forward_features' width
         self.local = threading.local()
+        self.counts = RowCounts(self.version.model, self.version.number)
 
     def _stream(self):
         """This thread's CUDA stream (a GPU actor runs GPU_BATCHES_IN_FLIGHT threads), or a no-op on CPUs."""
@@ -199,4 +228,5 @@ class Labeler:
         }
         if self.embeddings:
             columns["embedding"] = rows(features, pa.float16())
+        self.counts.count(problems)
         return pa.table(columns)

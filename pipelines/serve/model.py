@@ -12,6 +12,11 @@ Two kinds of failure, kept apart:
 - a version is broken (a checksum that does not match, weights that do not load): it is refused and not
   tried again until the alias moves, however often a reload is asked for; a new replica starts with the
   newest earlier version of the alias's lineage that loads. A canary that is refused serves nobody.
+
+Each check is counted as a Ray metric (CHECKS, by outcome), and the time of the last one that succeeded is a
+gauge (LAST_OK), set again at every check: a watch that keeps failing shows as that time falling behind
+(infra/k8s/monitoring/: the registry-watch alert). Ray 2.60 exports a gauge only in the report intervals in
+which it was set and forgets it after two (10 s each by default): the poll interval (10 s) keeps it there.
 """
 
 from __future__ import annotations
@@ -24,12 +29,20 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import torch
+from ray.serve import metrics
 
 from pipelines.preprocess import normalize
 from pipelines.registry.store import ModelVersion, Registry
 from pipelines.storage import StorageError
 
 log = logging.getLogger("ray.serve.crossvit")  # under Serve's logger: into the replica's log files
+
+# The registry watch's Ray metrics, per model and alias; Serve adds the application, deployment and replica.
+# Exported as ray_<name>, the counter as ray_<name>_total (tests/test_monitoring.py).
+# CHECKS by outcome: ok; failed: the status has a registry_error (storage unreadable, the alias gone, a load
+# that failed for storage); error: the check raised.
+CHECKS = "crossvit_registry_checks"
+LAST_OK = "crossvit_registry_last_ok_timestamp_seconds"
 
 
 class Loaded:
@@ -103,6 +116,14 @@ class Follower:
     ):  # fmt: skip
         self.registry, self.model, self.alias, self.pinned = registry, model, alias, pinned
         self.optional, self._load = optional, load
+        self._tags = {"model": model, "alias": alias}
+        self._last_ok_at: float | None = None  # time.time() of the last check that succeeded
+        self._checks = metrics.Counter(
+            CHECKS, description="Registry checks of an alias by outcome", tag_keys=("model", "alias", "outcome")
+        )
+        self._last_ok = metrics.Gauge(
+            LAST_OK, description="When a check of the alias last succeeded (Unix time, s)", tag_keys=("model", "alias")
+        )
         self._lock = threading.Lock()
         self._status = Status(None, None, None, None, None, time.time())
         self.current: Loaded | None = None
@@ -135,6 +156,8 @@ class Follower:
         if record is None or record["version"] is None:
             self.registry.resolve(self.model, self.alias)  # the registry's error: no such alias, or cleared
         self._update(alias_version=record["version"])
+        self._last_ok_at = time.time()
+        self._last_ok.set(self._last_ok_at, self._tags)
         for number in reversed(record["lineage"]):
             try:
                 return self._load(self.registry.get(self.model, number))
@@ -153,10 +176,18 @@ class Follower:
 
     def check(self) -> None:
         """One poll: read the alias; load what it names if that is new and not refused, and swap it in."""
+        outcome = "error"
         try:
             self._check()
+            outcome = "failed" if self.status().registry_error else "ok"
         finally:
-            self._update(last_check=time.time())
+            now = time.time()
+            self._update(last_check=now)
+            self._checks.inc(tags={**self._tags, "outcome": outcome})
+            if outcome == "ok":
+                self._last_ok_at = now
+            if self._last_ok_at is not None:  # again when it failed: a gauge not set leaves the export
+                self._last_ok.set(self._last_ok_at, self._tags)
 
     def _check(self) -> None:
         name = f"{self.model}:{self.alias}"

@@ -4,7 +4,8 @@ DDP (nccl on GPUs, gloo on CPUs); batches from the worker's share of the Ray Dat
 erased and mixed on the device (pipelines/device.py), or decoded there too (``decode_on_device``); bf16
 autocast and fused AdamW on GPUs; the learning rate set every iteration (pipelines/train/optim.py); an exact
 evaluation over the whole validation split every ``eval_every`` epochs (pipelines/train/evaluate.py); a
-checkpoint every epoch (pipelines/checkpoint.py), then the epoch's line and records (metrics.py).
+checkpoint every epoch (pipelines/checkpoint.py), then the epoch's line and records, and rank 0's live Ray
+metrics (metrics.py: throughput, epoch time, and progress as each batch arrives, for the stall alert).
 
 Elastic runs resize by restarting the group from the latest checkpoint. The optimisation stays consistent
 across resizes by the recipe's linear scaling rule: the global batch is ``batch_size x workers``, the peak
@@ -36,7 +37,7 @@ from pipelines.data.bad_samples import BadDataError, surfaced
 from pipelines.device import decode_on_device, to_model_input
 from pipelines.train.config import TrainConfig
 from pipelines.train.evaluate import evaluate
-from pipelines.train.metrics import format_epoch, plot_curves, record_epoch
+from pipelines.train.metrics import LiveMetrics, format_epoch, plot_curves, record_epoch
 from pipelines.train.optim import lr_at, peak_lr
 from pipelines.train.state import training_state
 from pipelines.train.tracking import Trackers
@@ -76,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record_epoch(run_uri, saved)  # in case the last attempt died between its checkpoint and this
     if cfg.compile:
         model = torch.compile(model)
+    live = LiveMetrics(cfg.name) if rank == 0 else None
     trackers = None
     if rank == 0 and (cfg.tensorboard or cfg.mlflow_tracking_uri):
         trackers = Trackers(run_uri, cfg.name, run_record(loop_config), cfg.tensorboard, cfg.mlflow_tracking_uri)
@@ -92,6 +94,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0 = time.monotonic()
         decoded: dict = {}  # where device_batches decoded this epoch's images, for the metrics
         batches = device_batches(train_shard, cfg, device, train=True, counter=counter, decoded=decoded)
+        if live is not None:
+            batches = live.batches(batches)
         loss_sum, seen, count = train_one_epoch(
             model, optimizer, batches, cfg, num_classes, device, schedule=(epoch, steps_per_epoch, peak)
         )
@@ -101,6 +105,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if evaluated:
             val_batches = device_batches(val_shard, cfg, device, train=False, counter=val_counter, stop=counter)
+            if live is not None:
+                val_batches = live.batches(val_batches)
             val = evaluate(model, val_batches, num_classes, device)
         else:
             val = dict.fromkeys(("val_loss", "val_top1", "val_top5", "val_samples"))
@@ -130,12 +136,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             history = record_epoch(run_uri, metrics)
             log.info(format_epoch(metrics, cfg.epochs))
+            live.epoch(metrics)
             if trackers is not None:
                 trackers.log(metrics)
             if epoch + 1 == cfg.epochs:
                 storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history))
     if trackers is not None:
         trackers.close()
+    if live is not None:
+        live.close()
 
 
 def run_record(loop_config: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Per-epoch metrics beside the checkpoints: metrics.json, metrics.csv and a PNG of the training curves.
+"""Per-epoch metrics beside the checkpoints: metrics.json, metrics.csv and a PNG of the training curves; and
+the run's live figures as Ray metrics (``LiveMetrics``), for Prometheus and Grafana (infra/k8s/monitoring/).
 
 matplotlib draws the curves (its object API with the Agg canvas: no display, no pyplot state).
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from pipelines import storage
@@ -99,3 +103,77 @@ def plot_curves(history: list[dict]) -> bytes:
     buf = io.BytesIO()
     curves_figure(history).savefig(buf, format="png")
     return buf.getvalue()
+
+
+# The run's live figures as Ray metrics. Every node's metrics agent exports them to Prometheus as ray_<name>
+# (infra/k8s/monitoring/: the dashboard, and the stall alert on the last one; tests/test_monitoring.py checks
+# every name they query against these). All gauges, tagged with the run's name under Ray Train's own tag key.
+IMAGES_PER_S = "crossvit_train_images_per_second"
+EPOCH_S = "crossvit_train_epoch_seconds"
+EPOCHS_DONE = "crossvit_train_epochs_done"
+PROGRESS = "crossvit_train_progress_timestamp_seconds"
+RUN_TAG = "ray_train_run_name"
+# Ray 2.60 sends a gauge to its agent only in the report intervals (metrics_report_interval_ms, 10 s by
+# default) in which it was set, and the agent drops a gauge it has not heard of for two of them: set again
+# this often, a gauge stays in the export for as long as its worker lives, and leaves it soon after.
+REFRESH_S = 5.0
+
+
+class LiveMetrics:
+    """The run's live figures, set by rank 0 alone: its figures are the whole group's (images/s comes from the
+    image count summed over every worker), where every rank setting them would export the same figure once per
+    worker (each worker's series apart, by its WorkerId label) for queries to de-duplicate. And rank 0's
+    progress is the group's: DDP's collectives hold every rank back with the slowest, so a rank that stops
+    stops rank 0 too. A thread sets the gauges again every REFRESH_S (see there), the progress time as it
+    was: a stalled run keeps showing when it last moved, and a finished one leaves nothing to alert on. A batch
+    costs a clock reading."""
+
+    def __init__(self, run: str):
+        # Ray imported here: this module is imported before Ray's settings are (the tests' helpers import it
+        # before they set RAY_AUTH_MODE, which Ray reads once, when it is first imported).
+        from ray.util import metrics
+
+        self.tags = {RUN_TAG: run}
+        described = {
+            IMAGES_PER_S: "Training images/s of the last epoch, all workers",
+            EPOCH_S: "The last epoch's duration, training and evaluation (s)",
+            EPOCHS_DONE: "Epochs finished",
+            PROGRESS: "When rank 0 last received a batch, or started (Unix time, s)",
+        }
+        self.gauges = {
+            name: metrics.Gauge(name, description=text, tag_keys=(RUN_TAG,)) for name, text in described.items()
+        }
+        self.values: dict[str, float | None] = dict.fromkeys(self.gauges)  # the keys fixed: read by the thread
+        self.beat()  # a group that never gets its first batch is stalled too
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="live-metrics", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.values[PROGRESS] = time.time()
+
+    def batches(self, batches: Iterable) -> Iterator:
+        """``batches``, each one marking progress as it arrives (training and validation alike)."""
+        for batch in batches:
+            self.beat()
+            yield batch
+
+    def epoch(self, m: dict) -> None:
+        """An epoch's figures (the record that ``record_epoch`` stores), exported at once."""
+        self.values.update({IMAGES_PER_S: m["images_per_s"], EPOCH_S: m["epoch_s"], EPOCHS_DONE: m["epoch"] + 1})
+        self.export()
+
+    def export(self) -> None:
+        for name, value in list(self.values.items()):
+            if value is not None:
+                self.gauges[name].set(value, self.tags)
+
+    def close(self) -> None:
+        """Stop setting the gauges: they leave the export within two report intervals."""
+        self._stop.set()
+
+    def _refresh(self) -> None:
+        while True:
+            self.export()
+            if self._stop.wait(REFRESH_S):
+                return
